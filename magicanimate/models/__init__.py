@@ -1,0 +1,3 @@
+from .group_norms import CrossFrameGroupNorm, PerFrameGroupNorm
+from .reference_attention import ReferenceAttentionControl, reference_layer_names
+from .video_unet import VideoUNet, magicanimate_motion_adapter

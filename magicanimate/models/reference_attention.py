@@ -1,0 +1,107 @@
+"""Reference attention: the appearance encoder's spatial self-attention inputs joined into the video UNet's.
+
+MagicAnimate runs an appearance encoder (an SD 1.5 UNet) on the clean latent of the reference image and keeps the
+input of each fused ``attn1`` (the block's ``norm1`` output). In the video UNet's ``attn1`` of the same name,
+conditional rows attend over ``[own tokens ; reference tokens]`` with the video UNet's own ``to_k``/``to_v``, and
+unconditional rows do plain self-attention. Both sides are diffusers attention processors, installed by
+:class:`ReferenceAttentionControl`; nothing in diffusers is patched.
+"""
+
+import torch
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+from torch import nn
+
+FUSION_BLOCKS = {"midup": ("mid_block", "up_blocks"), "full": ("down_blocks", "mid_block", "up_blocks")}
+
+
+def reference_layer_names(model: nn.Module, fusion_blocks: str = "midup") -> list[str]:
+    """Names of the spatial self-attention layers that take part (``...transformer_blocks.N.attn1``).
+
+    "midup" selects the mid block and up blocks (10 layers in SD 1.5), "full" the whole UNet (16). Motion modules
+    also hold ``attn1`` layers; they are never fused.
+    """
+    if fusion_blocks not in FUSION_BLOCKS:
+        raise ValueError(f"fusion_blocks must be one of {sorted(FUSION_BLOCKS)}, got {fusion_blocks!r}")
+    prefixes = FUSION_BLOCKS[fusion_blocks]
+    return [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, Attention)
+        and name.endswith("attn1")
+        and ".attentions." in name
+        and "motion_modules" not in name
+        and name.startswith(prefixes)
+    ]
+
+
+class ReferenceWriteProcessor(AttnProcessor2_0):
+    """Keeps the input of an appearance-encoder ``attn1`` (the reference tokens), then attends as usual."""
+
+    def __init__(self):
+        super().__init__()
+        self.bank: torch.Tensor | None = None
+
+    def __call__(self, attn, hidden_states, *args, **kwargs):
+        self.bank = hidden_states
+        return super().__call__(attn, hidden_states, *args, **kwargs)
+
+
+class ReferenceReadProcessor(AttnProcessor2_0):
+    """Self-attention of the video UNet that also attends to the reference tokens, on conditional rows only.
+
+    ``reference`` is ``(1, tokens, C)``, shared by every frame; ``conditional`` is a bool per batch item of the UNet
+    call (its rows are ``batch * frames``, frame index fastest). With no reference set it is plain self-attention.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.reference: torch.Tensor | None = None
+        self.conditional: torch.Tensor | None = None
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kw):
+        plain = super().__call__
+        if self.reference is None or self.conditional is None or not bool(self.conditional.any()):
+            return plain(attn, hidden_states, attention_mask=attention_mask, temb=temb)
+        rows = self.conditional.to(hidden_states.device).repeat_interleave(
+            hidden_states.shape[0] // self.conditional.numel()
+        )
+        cond = hidden_states[rows]
+        reference = self.reference.to(cond.dtype).expand(cond.shape[0], -1, -1)
+        joint = torch.cat([cond, reference], dim=1)
+        out = torch.empty_like(hidden_states)
+        out[rows] = plain(attn, cond, encoder_hidden_states=joint)
+        if not bool(rows.all()):
+            out[~rows] = plain(attn, hidden_states[~rows])
+        return out
+
+
+class ReferenceAttentionControl:
+    """Pairs the appearance encoder's fused ``attn1`` layers with the video UNet's, by module name.
+
+    Usage per denoising step: ``control.clear()``; run the appearance encoder; ``control.update(conditional)``; run
+    the video UNet (as many windows as needed).
+    """
+
+    def __init__(self, appearance_encoder: nn.Module, unet: nn.Module, fusion_blocks: str = "midup"):
+        names = reference_layer_names(unet, fusion_blocks)
+        missing = set(names) - set(reference_layer_names(appearance_encoder, fusion_blocks))
+        if missing:
+            raise ValueError(f"appearance encoder lacks fused layers {sorted(missing)}")
+        self.fusion_blocks = fusion_blocks
+        self.writers = {name: ReferenceWriteProcessor() for name in names}
+        self.readers = {name: ReferenceReadProcessor() for name in names}
+        for name in names:
+            appearance_encoder.get_submodule(name).set_processor(self.writers[name])
+            unet.get_submodule(name).set_processor(self.readers[name])
+
+    def update(self, conditional: torch.Tensor) -> None:
+        """Hand the banks the appearance encoder just wrote to the video UNet; ``conditional``: bool per batch item."""
+        for name, reader in self.readers.items():
+            reader.reference = self.writers[name].bank[-1:]
+            reader.conditional = conditional
+
+    def clear(self) -> None:
+        for writer in self.writers.values():
+            writer.bank = None
+        for reader in self.readers.values():
+            reader.reference = reader.conditional = None

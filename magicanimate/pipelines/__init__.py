@@ -1,0 +1,2 @@
+from .context_windows import context_windows
+from .pipeline_magicanimate import MagicAnimatePipeline, MagicAnimatePipelineOutput, magicanimate_scheduler

@@ -1,0 +1,29 @@
+"""Which frames each UNet call sees when a clip is longer than the motion modules' window.
+
+The motion modules and the cross-frame GroupNorms were trained on 16-frame clips, so a long clip is denoised as
+overlapping windows whose predictions are averaged per frame.
+"""
+
+
+def context_windows(
+    num_frames: int, context_frames: int = 16, context_overlap: int = 4, schedule: str = "uniform"
+) -> list[list[int]]:
+    """Frame indices of every window, in order.
+
+    * ``"uniform"``: MagicAnimate's schedule (``uniform`` with ``closed_loop``, step 0, stride 1): windows start
+      every ``context_frames - context_overlap`` frames while the start is inside the clip, and the last one wraps
+      around to the first frames. For 32 frames: ``0..15``, ``12..27``, ``24..31 + 0..7``.
+    * ``"sliding"``: the same stride without wrap-around; the last window is the clip's last ``context_frames``
+      frames, so a non-looping motion never attends to its own beginning.
+    """
+    if context_overlap >= context_frames:
+        raise ValueError(f"context_overlap ({context_overlap}) must be smaller than context_frames ({context_frames})")
+    if num_frames <= context_frames:
+        return [list(range(num_frames))]
+    stride = context_frames - context_overlap
+    if schedule == "uniform":
+        return [[(start + k) % num_frames for k in range(context_frames)] for start in range(0, num_frames, stride)]
+    if schedule == "sliding":
+        starts = list(range(0, num_frames - context_frames, stride)) + [num_frames - context_frames]
+        return [list(range(start, start + context_frames)) for start in starts]
+    raise ValueError(f"context_schedule must be 'uniform' or 'sliding', got {schedule!r}")

@@ -1,0 +1,362 @@
+"""The MagicAnimate denoising algorithm as a diffusers pipeline.
+
+Per denoising step: the appearance encoder encodes the reference image at the current timestep (its self-attention
+inputs are the "reference bank"); the DensePose ControlNet encodes every motion frame; the video UNet denoises the
+clip in overlapping windows, its conditional rows attending to the reference bank; window predictions are averaged
+per frame, classifier-free guidance is applied, and the scheduler takes a step.
+"""
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import torch
+from diffusers import AutoencoderKL, ControlNetModel, DDIMScheduler, DiffusionPipeline
+from diffusers.schedulers import KarrasDiffusionSchedulers
+from diffusers.utils import BaseOutput
+from diffusers.utils.torch_utils import randn_tensor
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from ..errors import CheckpointError, InputError
+from ..io import load_image, read_video
+from ..models.original_checkpoints import load_appearance_encoder, load_video_unet
+from ..models.reference_attention import ReferenceAttentionControl
+from ..models.video_unet import VideoUNet
+from .context_windows import context_windows
+
+VAE_SCALING_FACTOR = 0.18215  # hard-coded by the original, equal to sd-vae-ft-mse's config
+
+
+def magicanimate_scheduler() -> DDIMScheduler:
+    """The original's sampler: DDIM, linear betas 0.00085-0.012, steps_offset 1, no clipping, leading spacing."""
+    return DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="linear",
+        steps_offset=1,
+        clip_sample=False,
+        set_alpha_to_one=True,
+        timestep_spacing="leading",
+    )
+
+
+@dataclass
+class MagicAnimatePipelineOutput(BaseOutput):
+    """``frames``: ``(F, H, W, 3)`` float32 in [0, 1] (``output_type="np"``), a tensor, PIL images, or latents."""
+
+    frames: np.ndarray | torch.Tensor | list[PIL.Image.Image]
+
+
+class MagicAnimatePipeline(DiffusionPipeline):
+    """Animate a reference image with a DensePose motion sequence (MagicAnimate).
+
+    Components: ``vae`` (sd-vae-ft-mse), ``text_encoder``/``tokenizer`` (SD 1.5 CLIP; only the empty prompt is used),
+    ``unet`` (:class:`VideoUNet`), ``appearance_encoder`` (an SD 1.5 ``UNet2DConditionModel``), ``controlnet``
+    (DensePose ``ControlNetModel``) and any diffusers ``scheduler``. ``fusion_blocks`` picks the layers that attend
+    to the reference: ``"midup"`` (the original's) or ``"full"``.
+    """
+
+    model_cpu_offload_seq = "text_encoder->appearance_encoder->controlnet->unet->vae"
+
+    def __init__(
+        self,
+        vae: AutoencoderKL,
+        text_encoder: CLIPTextModel,
+        tokenizer: CLIPTokenizer,
+        unet: VideoUNet,
+        appearance_encoder,
+        controlnet: ControlNetModel,
+        scheduler: KarrasDiffusionSchedulers,
+        fusion_blocks: str = "midup",
+    ):
+        super().__init__()
+        self.register_modules(
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            unet=unet,
+            appearance_encoder=appearance_encoder,
+            controlnet=controlnet,
+            scheduler=scheduler,
+        )
+        self.register_to_config(fusion_blocks=fusion_blocks)
+        self.reference_control = ReferenceAttentionControl(appearance_encoder, unet, fusion_blocks)
+
+    # ------------------------------------------------------------------------------------------------ loading
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | Path,
+        *,
+        pretrained_model_path: str | Path | None = None,
+        pretrained_vae_path: str | Path | None = None,
+        pretrained_appearance_encoder_path: str | Path | None = None,
+        pretrained_controlnet_path: str | Path | None = None,
+        motion_module: str | Path | None = None,
+        motion_only: bool = False,
+        fusion_blocks: str = "midup",
+        torch_dtype: torch.dtype | None = None,
+        **kwargs,
+    ) -> "MagicAnimatePipeline":
+        """Load the original release tree, or a folder written by :meth:`save_pretrained`.
+
+        The release tree (``root``) holds ``stable-diffusion-v1-5/``, ``sd-vae-ft-mse/`` and ``MagicAnimate/``
+        (``appearance_encoder/``, ``densepose_controlnet/``, ``temporal_attention/temporal_attention.ckpt``). Any
+        piece can be given on its own with the original config's key names. ``motion_only=True`` takes only the
+        motion modules from ``temporal_attention.ckpt``, keeping SD 1.5's (or a fine-tune's) spatial weights.
+        """
+        root = Path(pretrained_model_name_or_path)
+        if (root / "model_index.json").is_file():
+            return super().from_pretrained(root, torch_dtype=torch_dtype, **kwargs)
+        sd = Path(pretrained_model_path or root / "stable-diffusion-v1-5")
+        vae_path = Path(pretrained_vae_path or root / "sd-vae-ft-mse")
+        appearance_path = Path(pretrained_appearance_encoder_path or root / "MagicAnimate" / "appearance_encoder")
+        controlnet_path = Path(pretrained_controlnet_path or root / "MagicAnimate" / "densepose_controlnet")
+        motion_path = Path(motion_module or root / "MagicAnimate" / "temporal_attention" / "temporal_attention.ckpt")
+        for folder in (sd / "unet", sd / "text_encoder", sd / "tokenizer", vae_path, appearance_path, controlnet_path):
+            if not folder.is_dir():
+                raise CheckpointError(
+                    f"missing checkpoint folder {folder}; run 'magicanimate download --to {root}' "
+                    "or see pretrained/README.md for the expected layout"
+                )
+        try:
+            pipe = cls(
+                vae=AutoencoderKL.from_pretrained(vae_path),
+                text_encoder=CLIPTextModel.from_pretrained(sd / "text_encoder"),
+                tokenizer=CLIPTokenizer.from_pretrained(sd / "tokenizer"),
+                unet=load_video_unet(sd / "unet", motion_path, motion_only=motion_only),
+                appearance_encoder=load_appearance_encoder(appearance_path),
+                controlnet=ControlNetModel.from_pretrained(controlnet_path),
+                scheduler=magicanimate_scheduler(),
+                fusion_blocks=fusion_blocks,
+            )
+        except (OSError, ValueError, RuntimeError) as err:
+            message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise CheckpointError(f"cannot load the checkpoints under {root}: {message}") from err
+        return pipe.to(dtype=torch_dtype) if torch_dtype is not None else pipe
+
+    # ------------------------------------------------------------------------------------------------ inputs
+
+    @staticmethod
+    def load_motion(motion) -> np.ndarray:
+        """DensePose frames as ``(F, H, W, 3)`` uint8 RGB from an array, a list of images, or a video path."""
+        if isinstance(motion, (str, Path)):
+            motion, _ = read_video(motion)
+        elif isinstance(motion, (list, tuple)):
+            motion = np.stack([np.asarray(load_image(frame)) for frame in motion]) if motion else np.zeros((0,))
+        motion = np.asarray(motion)
+        if motion.ndim != 4 or motion.shape[-1] != 3 or len(motion) == 0:
+            raise InputError(f"motion must be F x H x W x 3 frames, got shape {motion.shape}")
+        if motion.dtype != np.uint8:
+            raise InputError(f"motion frames must be uint8 RGB, got {motion.dtype}")
+        return motion
+
+    @staticmethod
+    def resize_frames(frames: np.ndarray, height: int, width: int) -> np.ndarray:
+        """Resize like the original: PIL bicubic to the exact size (no-op when already that size)."""
+        if frames.shape[1:3] == (height, width):
+            return frames
+        resized = [PIL.Image.fromarray(f).resize((width, height), PIL.Image.BICUBIC) for f in frames]
+        return np.stack([np.asarray(f) for f in resized])
+
+    def encode_prompt(self, prompt: str = "") -> torch.Tensor:
+        """CLIP embedding of the prompt (the original always uses ``""``): ``(1, 77, dim)``."""
+        ids = self.tokenizer(
+            prompt, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True,
+            return_tensors="pt",
+        ).input_ids
+        return self.text_encoder(ids.to(self.device))[0]
+
+    def encode_reference(self, image: np.ndarray) -> torch.Tensor:
+        """Clean VAE latent of the reference image (``latent_dist.mean``, not a sample), as the original does."""
+        pixels = torch.from_numpy(image[None].copy()).to(self.device, self.vae.dtype) / 127.5 - 1
+        latent = self.vae.encode(pixels.permute(0, 3, 1, 2)).latent_dist.mean
+        return latent * VAE_SCALING_FACTOR
+
+    def prepare_latents(self, latents, num_frames, height, width, context_frames, generator):
+        """Initial noise ``(1, 4, num_frames, h, w)`` float32: one ``context_frames`` block tiled along frames, as
+        the original draws it; given ``latents`` with fewer frames are padded by repeating their last frame."""
+        shape = (1, self.unet.config.in_channels, context_frames, height // 8, width // 8)
+        if latents is None:
+            block = randn_tensor(shape, generator=generator, device=self.device, dtype=torch.float32)
+            latents = block.repeat(1, 1, -(-num_frames // context_frames), 1, 1)[:, :, :num_frames]
+            return latents * self.scheduler.init_noise_sigma
+        latents = latents.to(self.device, torch.float32)
+        if latents.shape[0] != 1 or latents.shape[1] != shape[1] or latents.shape[3:] != shape[3:]:
+            raise InputError(f"latents must have shape (1, {shape[1]}, F, {shape[3]}, {shape[4]}), got {tuple(latents.shape)}")
+        if latents.shape[2] < num_frames:
+            padding = latents[:, :, -1:].expand(-1, -1, num_frames - latents.shape[2], -1, -1)
+            latents = torch.cat([latents, padding], dim=2)
+        return latents[:, :, :num_frames]
+
+    # ------------------------------------------------------------------------------------------------ denoising
+
+    def encode_appearance(self, reference_latents, t, text):
+        """Run the appearance encoder once for this step; its fused layers' inputs become the reference bank."""
+        self.reference_control.clear()
+        latents = reference_latents.to(self.appearance_encoder.dtype)
+        # GroupNorm rejects one value per group, which a single row hits when the deepest level is 1x1 (tiny
+        # sizes); a second identical row (as the original always runs) avoids it without changing the bank.
+        if max(latents.shape[-2:]) <= 2 ** (len(self.appearance_encoder.down_blocks) - 1):
+            latents = latents.repeat(2, 1, 1, 1)
+        self.appearance_encoder(latents, t, encoder_hidden_states=text.expand(len(latents), -1, -1), return_dict=False)
+
+    def encode_motion(self, latents, t, text, control, chunk, scale):
+        """ControlNet residuals of every frame, ``(frames, C, h, w)`` per residual; conditional text only, as in the
+        original, and reused for both guidance halves."""
+        frames = latents[0].transpose(0, 1)
+        outputs = []
+        for start in range(0, len(frames), chunk):
+            part = frames[start : start + chunk]
+            down, mid = self.controlnet(
+                self.scheduler.scale_model_input(part, t).to(self.controlnet.dtype),
+                t,
+                encoder_hidden_states=text.expand(len(part), -1, -1),
+                controlnet_cond=control[start : start + chunk],
+                conditioning_scale=scale,
+                return_dict=False,
+            )
+            outputs.append([*down, mid])
+        return [torch.cat(parts) for parts in zip(*outputs)]
+
+    def predict_noise(self, latents, t, text, residuals, windows, guidance_scale, context_batch_size):
+        """Guided noise prediction for the whole clip: window predictions summed in float32, divided by how many
+        windows cover each frame (plain mean), then classifier-free guidance."""
+        do_cfg = guidance_scale > 1
+        halves = 2 if do_cfg else 1
+        total = torch.zeros((halves, *latents.shape[1:]), dtype=torch.float32, device=self.device)
+        count = torch.zeros((1, 1, latents.shape[2], 1, 1), dtype=torch.float32, device=self.device)
+        for first in range(0, len(windows), context_batch_size):
+            batch = windows[first : first + context_batch_size]
+            index = torch.tensor(batch, device=self.device)  # (windows, frames)
+            sample = latents[0][:, index].transpose(0, 1)  # (windows, C, frames, h, w)
+            sample = self.scheduler.scale_model_input(sample.repeat(halves, 1, 1, 1, 1), t).to(self.unet.dtype)
+            self.reference_control.update(torch.arange(halves * len(batch), device=self.device) >= (halves - 1) * len(batch))
+            flat = index.flatten()
+            down = [r[flat].repeat(halves, 1, 1, 1) for r in residuals[:-1]]
+            pred = self.unet(
+                sample,
+                t,
+                encoder_hidden_states=text.expand(sample.shape[0] * sample.shape[2], -1, -1),
+                down_block_additional_residuals=down,
+                mid_block_additional_residual=residuals[-1][flat].repeat(halves, 1, 1, 1),
+                return_dict=False,
+            )[0].float()
+            for w, frames in enumerate(batch):
+                for half in range(halves):
+                    total[half, :, frames] += pred[half * len(batch) + w]
+                count[:, :, frames] += 1
+        noise = total / count
+        if do_cfg:
+            uncond, cond = noise.chunk(2)
+            return uncond + guidance_scale * (cond - uncond)
+        return noise
+
+    def decode_latents(self, latents: torch.Tensor, decode_chunk_size: int) -> torch.Tensor:
+        """``(F, 3, H, W)`` float32 in [0, 1], decoded ``decode_chunk_size`` frames at a time."""
+        frames = latents[0].transpose(0, 1) / VAE_SCALING_FACTOR
+        images = [
+            self.vae.decode(chunk.to(self.vae.dtype)).sample.float() for chunk in frames.split(decode_chunk_size)
+        ]
+        return (torch.cat(images) / 2 + 0.5).clamp(0, 1)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        reference_image,
+        motion,
+        num_inference_steps: int = 25,
+        guidance_scale: float = 7.5,
+        height: int | None = None,
+        width: int | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        context_frames: int = 16,
+        context_overlap: int = 4,
+        context_schedule: str = "uniform",
+        context_batch_size: int = 1,
+        controlnet_conditioning_scale: float = 1.0,
+        eta: float = 0.0,
+        prompt: str = "",
+        decode_chunk_size: int = 16,
+        output_type: str = "np",
+        return_dict: bool = True,
+        callback_on_step_end: Callable[["MagicAnimatePipeline", int, int, dict], dict] | None = None,
+    ) -> MagicAnimatePipelineOutput | tuple:
+        """Animate ``reference_image`` (PIL image, HxWx3 uint8 array or path) following ``motion`` (DensePose frames:
+        FxHxWx3 uint8 array, list of images, or a video path).
+
+        Args:
+            num_inference_steps: denoising steps (the original: 25).
+            guidance_scale: reference guidance; the unconditional branch differs only by not seeing the reference.
+                ``<= 1`` skips it (one UNet pass per window).
+            height, width: output size; defaults to the motion frames' size (rounded down to a multiple of 8). The
+                reference and, if needed, the motion frames are resized to it.
+            generator, latents: noise control as in diffusers; ``latents`` is ``(1, 4, F, H/8, W/8)``.
+            context_frames, context_overlap, context_schedule: the sliding window (16, 4, ``"uniform"`` = the
+                original's wrap-around schedule; ``"sliding"`` never wraps). The clip is padded to a multiple of
+                ``context_frames`` by repeating its last frame; the output is cropped back.
+            context_batch_size: windows per UNet call (more is faster on a large GPU, same result).
+            controlnet_conditioning_scale: strength of the DensePose ControlNet (1.0).
+            eta: DDIM eta (0: deterministic).
+            decode_chunk_size: frames per VAE decode call.
+            output_type: ``"np"`` (``(F, H, W, 3)`` float32), ``"pt"``, ``"pil"`` or ``"latent"``.
+            callback_on_step_end: ``fn(pipe, step, timestep, {"latents": ...})`` after every step; may return a
+                dict with replacement ``latents``.
+        """
+        # 1. Inputs: motion frames define the clip length and (by default) the size.
+        frames = self.load_motion(motion)
+        num_frames = len(frames)
+        height = (height or frames.shape[1]) // 8 * 8
+        width = (width or frames.shape[2]) // 8 * 8
+        if height < 8 or width < 8:
+            raise InputError(f"output size {width}x{height} is too small; it must be at least 8x8")
+        frames = self.resize_frames(frames, height, width)
+        reference = np.asarray(load_image(reference_image).resize((width, height), PIL.Image.BICUBIC))
+        padded_frames = -(-num_frames // context_frames) * context_frames
+        frames = np.concatenate([frames, np.repeat(frames[-1:], padded_frames - num_frames, axis=0)])
+        control = torch.from_numpy(frames).to(self.device, self.controlnet.dtype).permute(0, 3, 1, 2) / 255
+
+        # 2. Conditioning that does not change over the steps.
+        text = self.encode_prompt(prompt)
+        reference_latents = self.encode_reference(reference)
+        windows = context_windows(padded_frames, context_frames, context_overlap, context_schedule)
+
+        # 3. Noise and timesteps.
+        self.scheduler.set_timesteps(num_inference_steps, device=self.device)
+        latents = self.prepare_latents(latents, padded_frames, height, width, context_frames, generator)
+        step_kwargs = {}
+        step_parameters = set(inspect.signature(self.scheduler.step).parameters)
+        if "eta" in step_parameters:
+            step_kwargs["eta"] = eta
+        if "generator" in step_parameters:
+            step_kwargs["generator"] = generator
+
+        # 4. Denoising loop.
+        for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
+            self.encode_appearance(reference_latents, t, text)
+            residuals = self.encode_motion(latents, t, text, control, context_frames, controlnet_conditioning_scale)
+            noise = self.predict_noise(latents, t, text, residuals, windows, guidance_scale, context_batch_size)
+            latents = self.scheduler.step(noise, t, latents, **step_kwargs, return_dict=False)[0]
+            if callback_on_step_end is not None:
+                latents = (callback_on_step_end(self, i, t, {"latents": latents}) or {}).get("latents", latents)
+        self.reference_control.clear()
+
+        # 5. Decode, crop the padding off.
+        latents = latents[:, :, :num_frames]
+        if output_type == "latent":
+            video = latents
+        else:
+            video = self.decode_latents(latents, decode_chunk_size)
+            if output_type == "np":
+                video = video.permute(0, 2, 3, 1).cpu().numpy()
+            elif output_type == "pil":
+                video = [PIL.Image.fromarray(f) for f in (video.permute(0, 2, 3, 1) * 255).round().byte().cpu().numpy()]
+            elif output_type != "pt":
+                raise InputError(f"output_type must be 'np', 'pt', 'pil' or 'latent', got {output_type!r}")
+        self.maybe_free_model_hooks()
+        return MagicAnimatePipelineOutput(frames=video) if return_dict else (video,)
