@@ -7,11 +7,14 @@ so everything diffusers offers for it (attention processors, ``from_unet2d``, ``
 import functools
 
 import torch
-from diffusers import MotionAdapter, UNetMotionModel
+from diffusers import ModelMixin, MotionAdapter, UNetMotionModel  # noqa: F401 - ModelMixin: see below
 from diffusers.models.resnet import ResnetBlock2D
 from diffusers.models.unets.unet_motion_model import AnimateDiffTransformer3D
 
 from .group_norms import CrossFrameGroupNorm, PerFrameGroupNorm, swap_group_norm
+
+# DiffusionPipeline.from_pretrained finds a component's load method by looking up ``ModelMixin`` in the module named
+# in model_index.json (this one), hence the import above: it lets saved pipelines load VideoUNet back.
 
 
 class VideoUNet(UNetMotionModel):

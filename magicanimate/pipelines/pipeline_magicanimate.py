@@ -137,7 +137,12 @@ class MagicAnimatePipeline(DiffusionPipeline):
         except (OSError, ValueError, RuntimeError) as err:
             message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise CheckpointError(f"cannot load the checkpoints under {root}: {message}") from err
-        return pipe.to(dtype=torch_dtype) if torch_dtype is not None else pipe
+        if torch_dtype is not None:
+            # torch's own .to: diffusers' ModelMixin.to warns about fp32 modules even when a model has none.
+            for component in pipe.components.values():
+                if isinstance(component, torch.nn.Module):
+                    torch.nn.Module.to(component, dtype=torch_dtype)
+        return pipe
 
     # ------------------------------------------------------------------------------------------------ inputs
 

@@ -1,0 +1,1 @@
+"""Default settings (YAML), shipped inside the package as ``magicanimate.configs``."""

@@ -1,0 +1,77 @@
+"""Shared, session-scoped fixtures: the tiny original-layout tree, a pipeline loaded from it, one baseline run, and
+the reference-parity fixture (which lives in ../shared and is only present in CI)."""
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+TESTS = Path(__file__).resolve().parent
+if str(TESTS) not in sys.path:  # so test modules can `import tiny_models`
+    sys.path.insert(0, str(TESTS))
+
+from tiny_models import build_tiny_original_tree, make_motion, make_reference  # noqa: E402
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+PARITY = SHARED / "fixtures" / "reference-parity"
+
+TINY_STEPS = 2
+TINY_FRAMES = 16
+TINY_SIZE = 64
+
+
+def parity_dir() -> Path:
+    if not PARITY.is_dir():
+        pytest.skip("../shared not found: parity fixtures run in CI only")
+    return PARITY
+
+
+@pytest.fixture(scope="session")
+def parity() -> Path:
+    return parity_dir()
+
+
+@pytest.fixture(scope="session")
+def tiny_tree(tmp_path_factory) -> Path:
+    return build_tiny_original_tree(tmp_path_factory.mktemp("tiny-original-tree"))
+
+
+def load_tiny_pipeline(tree: Path, **kwargs):
+    from magicanimate import MagicAnimatePipeline
+
+    pipe = MagicAnimatePipeline.from_pretrained(tree, **kwargs)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="session")
+def tiny_pipe(tiny_tree):
+    """Loaded once. Tests may run it but must not change its components or dtype (load a fresh one for that)."""
+    return load_tiny_pipeline(tiny_tree)
+
+
+@pytest.fixture(scope="session")
+def reference_image() -> np.ndarray:
+    return make_reference(TINY_SIZE)
+
+
+@pytest.fixture(scope="session")
+def motion16() -> np.ndarray:
+    return make_motion(TINY_FRAMES, TINY_SIZE)
+
+
+def tiny_latents(num_frames: int, seed: int = 1, size: int = TINY_SIZE) -> torch.Tensor:
+    """Independent (not tiled) Gaussian latents ``(1, 4, F, size/8, size/8)``."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn((1, 4, num_frames, size // 8, size // 8), generator=generator)
+
+
+@pytest.fixture(scope="session")
+def tiny_baseline(tiny_pipe, reference_image, motion16) -> np.ndarray:
+    """Frames of the reference tiny run: 16 frames, 64x64, 2 steps, guidance 7.5, fixed latents."""
+    return tiny_pipe(
+        reference_image, motion16, num_inference_steps=TINY_STEPS, guidance_scale=7.5,
+        latents=tiny_latents(TINY_FRAMES), output_type="np",
+    ).frames
