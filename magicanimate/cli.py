@@ -86,13 +86,14 @@ def resolve_device(config):
 
 def load_pipeline(config):
     """The pipeline for ``config``'s checkpoints, fetching the default tree on first use when online."""
-    from .pipelines import MagicAnimatePipeline
     from .weights import default_pretrained_dir, ensure_weights
 
     pieces = {key: config[key] for key in PIECE_KEYS if config[key]}
     root = Path(config.pretrained) if config.pretrained else default_pretrained_dir()
     if len(pieces) < len(PIECE_KEYS):
         ensure_weights(root, download=config.pretrained is None)
+    from .pipelines import MagicAnimatePipeline
+
     device, dtype = resolve_device(config)
     pipe = MagicAnimatePipeline.from_pretrained(
         root, **pieces, motion_only=config.motion_only, fusion_blocks=config.fusion_blocks, torch_dtype=dtype
@@ -107,8 +108,6 @@ def grid_frames(reference: np.ndarray, motion: np.ndarray, result: np.ndarray):
 
 
 def animate_command(args) -> Path:
-    import torch
-
     from .io import VideoWriter, load_image, read_video, write_gif
 
     settings = {k: v for k, v in vars(args).items() if k in default_config() and v is not None}
@@ -121,6 +120,8 @@ def animate_command(args) -> Path:
         raise InputError(f"output must end in .mp4 or .gif, got {output.name}")
 
     pipe = load_pipeline(config)
+    import torch
+
     generator = torch.Generator(pipe.device).manual_seed(config.seed)
     result = pipe(
         reference,
