@@ -15,7 +15,15 @@ _LAZY = {
     "MagicAnimatePipelineOutput": "magicanimate.pipelines",
     "VideoUNet": "magicanimate.models",
 }
-__all__ = ["CheckpointError", "InputError", "MagicAnimateError", "ResourceError", *_LAZY]
+__all__ = [
+    "CheckpointError",
+    "InputError",
+    "MagicAnimateError",
+    "MagicAnimatePipeline",
+    "MagicAnimatePipelineOutput",
+    "ResourceError",
+    "VideoUNet",
+]
 
 
 def __getattr__(name):

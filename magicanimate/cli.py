@@ -37,8 +37,9 @@ def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, dest=key, action=argparse.BooleanOptionalAction, default=None)
         else:
             kind = _NULL_TYPES.get(key, type(default) if default is not None else str)
-            parser.add_argument(flag, dest=key, type=kind, default=None, metavar=key.upper(),
-                                help=f"(default: {default})")
+            parser.add_argument(
+                flag, dest=key, type=kind, default=None, metavar=key.upper(), help=f"(default: {default})"
+            )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -103,7 +104,7 @@ def load_pipeline(config):
 
 def grid_frames(reference: np.ndarray, motion: np.ndarray, result: np.ndarray):
     """``reference | motion | result`` side by side, uint8, one frame at a time."""
-    for motion_frame, result_frame in zip(motion, result):
+    for motion_frame, result_frame in zip(motion, result, strict=True):
         yield np.concatenate([reference, motion_frame, (result_frame * 255).round().astype(np.uint8)], axis=1)
 
 

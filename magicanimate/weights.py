@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable, NamedTuple
+from typing import NamedTuple
 
 from magicanimate.errors import CheckpointError, ResourceError
 
@@ -26,33 +27,55 @@ class HubSource(NamedTuple):
 # fnmatch patterns as huggingface_hub applies them (``*`` also crosses ``/``). Exact names where a folder holds
 # variants, so ``*.fp16.safetensors`` / ``*.non_ema.bin`` / ``*.bin`` duplicates are never fetched.
 HUB_SOURCES: dict[str, HubSource] = {
-    "stable-diffusion-v1-5": HubSource("stable-diffusion-v1-5/stable-diffusion-v1-5", (
-        "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
-        "text_encoder/config.json", "text_encoder/model.safetensors",
-        "tokenizer/merges.txt", "tokenizer/special_tokens_map.json",
-        "tokenizer/tokenizer_config.json", "tokenizer/vocab.json",
-    )),
-    "sd-vae-ft-mse": HubSource("stabilityai/sd-vae-ft-mse", (
-        "config.json", "diffusion_pytorch_model.safetensors",
-    )),
-    "MagicAnimate": HubSource("zcxu-eric/MagicAnimate", (
-        "appearance_encoder/*", "densepose_controlnet/*", "temporal_attention/temporal_attention.ckpt",
-    )),
+    "stable-diffusion-v1-5": HubSource(
+        "stable-diffusion-v1-5/stable-diffusion-v1-5",
+        (
+            "unet/config.json",
+            "unet/diffusion_pytorch_model.safetensors",
+            "text_encoder/config.json",
+            "text_encoder/model.safetensors",
+            "tokenizer/merges.txt",
+            "tokenizer/special_tokens_map.json",
+            "tokenizer/tokenizer_config.json",
+            "tokenizer/vocab.json",
+        ),
+    ),
+    "sd-vae-ft-mse": HubSource(
+        "stabilityai/sd-vae-ft-mse",
+        (
+            "config.json",
+            "diffusion_pytorch_model.safetensors",
+        ),
+    ),
+    "MagicAnimate": HubSource(
+        "zcxu-eric/MagicAnimate",
+        (
+            "appearance_encoder/*",
+            "densepose_controlnet/*",
+            "temporal_attention/temporal_attention.ckpt",
+        ),
+    ),
 }
 
 # What must be on disk: (subfolder, files), where each file is a tuple of accepted alternatives (safetensors first,
 # the ``.bin`` the original repo / older snapshots shipped second). special_tokens_map.json is fetched but not
 # required: CLIPTokenizer's defaults match SD1.5's, and some hand-copied trees lack it.
 _REQUIRED: tuple[tuple[str, tuple[tuple[str, ...], ...]], ...] = (
-    ("stable-diffusion-v1-5/unet", (("config.json",),
-        ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"))),
+    (
+        "stable-diffusion-v1-5/unet",
+        (("config.json",), ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")),
+    ),
     ("stable-diffusion-v1-5/text_encoder", (("config.json",), ("model.safetensors", "pytorch_model.bin"))),
     ("stable-diffusion-v1-5/tokenizer", (("vocab.json",), ("merges.txt",), ("tokenizer_config.json",))),
     ("sd-vae-ft-mse", (("config.json",), ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"))),
-    ("MagicAnimate/appearance_encoder", (("config.json",),
-        ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"))),
-    ("MagicAnimate/densepose_controlnet", (("config.json",),
-        ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"))),
+    (
+        "MagicAnimate/appearance_encoder",
+        (("config.json",), ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")),
+    ),
+    (
+        "MagicAnimate/densepose_controlnet",
+        (("config.json",), ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")),
+    ),
     ("MagicAnimate/temporal_attention", (("temporal_attention.ckpt",),)),
 )
 
@@ -67,7 +90,8 @@ def select_files(repo_key_or_id: str, filenames: Iterable[str]) -> list[str]:
     from huggingface_hub.utils import filter_repo_objects
 
     source = HUB_SOURCES.get(repo_key_or_id) or next(
-        (s for s in HUB_SOURCES.values() if s.repo_id == repo_key_or_id), None)
+        (s for s in HUB_SOURCES.values() if s.repo_id == repo_key_or_id), None
+    )
     if source is None:
         raise KeyError(f"unknown weight source {repo_key_or_id!r}; known: {', '.join(HUB_SOURCES)}")
     return list(filter_repo_objects(list(filenames), allow_patterns=list(source.allow_patterns)))
@@ -136,11 +160,17 @@ def download_weights(to: str | os.PathLike | None = None, *, token: str | None =
         print(f"magicanimate: fetching {what} into {root / key}", file=sys.stderr, flush=True)
         try:
             huggingface_hub.snapshot_download(
-                source.repo_id, allow_patterns=list(source.allow_patterns), local_dir=root / key, token=token,
-                endpoint=os.environ.get("HF_ENDPOINT") or None)  # honour HF_ENDPOINT set after import too
+                source.repo_id,
+                allow_patterns=list(source.allow_patterns),
+                local_dir=root / key,
+                token=token,
+                endpoint=os.environ.get("HF_ENDPOINT") or None,
+            )  # honour HF_ENDPOINT set after import too
         except _fetch_errors() as err:
             if getattr(err, "errno", None) == 28:  # ENOSPC
-                raise ResourceError(f"disk full while fetching {what} into {root / key}; free space and retry") from None
+                raise ResourceError(
+                    f"disk full while fetching {what} into {root / key}; free space and retry"
+                ) from None
             denied = isinstance(err, HfHubHTTPError) and not isinstance(err, LocalEntryNotFoundError)
             hint = f"check your access/token (HF_TOKEN), or {howto}" if denied else howto
             reason = (str(err).strip().splitlines() or [""])[0][:160]
@@ -166,5 +196,7 @@ def ensure_weights(root: str | os.PathLike | None = None, *, download: bool = Tr
         return root
     if download:
         return download_weights(root)
-    raise CheckpointError(f"pretrained weights incomplete in {root} (missing: {', '.join(missing)}); "
-                          f"run 'magicanimate download --to {root}' or pass --pretrained DIR")
+    raise CheckpointError(
+        f"pretrained weights incomplete in {root} (missing: {', '.join(missing)}); "
+        f"run 'magicanimate download --to {root}' or pass --pretrained DIR"
+    )

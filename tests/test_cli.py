@@ -24,8 +24,21 @@ def run_cli(*args, env=None, cwd=None):
 def test_animate_writes_playable_h264_with_every_motion_frame(tmp_path):
     out = tmp_path / "nested" / "out.mp4"
     result = run_cli(
-        "animate", "--reference", FIXTURE / "inputs" / "reference.png", "--motion", SAMPLE, "-o", out,
-        "--pretrained", FIXTURE / "pretrained", "--steps", 2, "--size", 64, "--seed", 3,
+        "animate",
+        "--reference",
+        FIXTURE / "inputs" / "reference.png",
+        "--motion",
+        SAMPLE,
+        "-o",
+        out,
+        "--pretrained",
+        FIXTURE / "pretrained",
+        "--steps",
+        2,
+        "--size",
+        64,
+        "--seed",
+        3,
     )
     assert result.returncode == 0, result.stderr
     with av.open(str(out)) as container:
@@ -43,9 +56,26 @@ def test_animate_writes_playable_h264_with_every_motion_frame(tmp_path):
 def test_grid_and_settings_flags(tmp_path):
     out = tmp_path / "grid.mp4"
     result = run_cli(
-        "animate", "--reference", FIXTURE / "inputs" / "reference.png", "--motion", FIXTURE / "inputs" / "motion.mp4",
-        "-o", out, "--pretrained", FIXTURE / "pretrained", "--steps", 1, "--grid", "--context-overlap", 8, "--size", 64,
-        "--context-schedule", "sliding", "--fps", 12.5,
+        "animate",
+        "--reference",
+        FIXTURE / "inputs" / "reference.png",
+        "--motion",
+        FIXTURE / "inputs" / "motion.mp4",
+        "-o",
+        out,
+        "--pretrained",
+        FIXTURE / "pretrained",
+        "--steps",
+        1,
+        "--grid",
+        "--context-overlap",
+        8,
+        "--size",
+        64,
+        "--context-schedule",
+        "sliding",
+        "--fps",
+        12.5,
     )
     assert result.returncode == 0, result.stderr
     with av.open(str(out)) as container:
@@ -61,12 +91,19 @@ def test_missing_weights_offline_is_one_line(tmp_path):
 
     Image.new("RGB", (64, 64), (200, 100, 50)).save(reference)
     motion = tmp_path / "motion.mp4"
-    from magicanimate.io import write_video
     import numpy as np
+
+    from magicanimate.io import write_video
 
     write_video(motion, np.full((4, 64, 64, 3), (68, 1, 84), np.uint8), fps=25)
     result = run_cli(
-        "animate", "--reference", reference, "--motion", motion, "-o", tmp_path / "out.mp4",
+        "animate",
+        "--reference",
+        reference,
+        "--motion",
+        motion,
+        "-o",
+        tmp_path / "out.mp4",
         env={"MAGICANIMATE_PRETRAINED": str(tmp_path / "weights")},
     )
     assert result.returncode == 3
@@ -77,8 +114,9 @@ def test_missing_weights_offline_is_one_line(tmp_path):
 
 
 def test_bad_input_exits_2_without_traceback(tmp_path):
-    result = run_cli("animate", "--reference", tmp_path / "nope.png", "--motion", tmp_path / "nope.mp4",
-                     "-o", tmp_path / "out.mp4")
+    result = run_cli(
+        "animate", "--reference", tmp_path / "nope.png", "--motion", tmp_path / "nope.mp4", "-o", tmp_path / "out.mp4"
+    )
     assert result.returncode == 2
     assert result.stderr.startswith("error: ") and "nope.png" in result.stderr
     assert "Traceback" not in result.stderr
@@ -91,7 +129,8 @@ def test_unknown_config_key_is_rejected(tmp_path):
     from PIL import Image
 
     Image.new("RGB", (8, 8)).save(reference)
-    result = run_cli("animate", "--reference", reference, "--motion", reference, "-o", tmp_path / "o.mp4",
-                     "--config", config)
+    result = run_cli(
+        "animate", "--reference", reference, "--motion", reference, "-o", tmp_path / "o.mp4", "--config", config
+    )
     assert result.returncode == 2
     assert "stepz" in result.stderr and "Traceback" not in result.stderr

@@ -297,6 +297,7 @@ def test_single_unet_call_matches_original(parity_models):
 
 @torch.no_grad()
 def test_appearance_encoder_bank_step0_matches_original(parity_models):
+    """Our writer banks = the original's step-0 banks, given the recorded text embedding (cond row)."""
     fixture, _, appearance, control = parity_models
     banks = np.load(fixture / "expected" / "reference_bank.npz")
     call = np.load(fixture / "expected" / "unet_call.npz")
@@ -312,8 +313,12 @@ def test_appearance_encoder_bank_step0_matches_original(parity_models):
             bank = control.writers[name].bank
             expected = torch.from_numpy(banks[f"step0_layer{i:02d}"])
             assert bank.shape == expected.shape, name
-            diff = (bank - expected).abs().max().item()
-            assert diff <= 1e-5, f"{name}: bank differs from the original's by {diff:.3g}"
+            diff = (bank - expected).abs()
+            # Exact (0.0) with the recording's 2 CPU threads. The mid-block layer sits at 1x1, where every GroupNorm
+            # group holds one value: (x - mean) / sqrt(var + 1e-5) amplifies summation-order rounding ~300x, so
+            # another thread count gives up to ~3e-4 there (and ~3e-5 downstream). Real mistakes (wrong timestep,
+            # text, latent sample vs mean) move the banks by >1e-2.
+            assert diff.max().item() <= 5e-4, f"{name}: bank differs from the original's by {diff.max().item():.3g}"
     finally:
         control.clear()
 

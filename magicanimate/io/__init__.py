@@ -3,5 +3,4 @@
 from .image import load_image
 from .video import VideoWriter, probe_fps, read_video, write_gif, write_png_frames, write_video
 
-
 __all__ = ["VideoWriter", "load_image", "probe_fps", "read_video", "write_gif", "write_png_frames", "write_video"]

@@ -6,15 +6,13 @@ format: an 8-bit RGB :class:`PIL.Image.Image` that is upright as the camera mean
 
 import os
 import warnings
-from typing import Union
 
 import numpy as np
 from PIL import Image, ImageOps
 
 from ..errors import InputError
 
-
-ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray]
+ImageInput = str | os.PathLike | Image.Image | np.ndarray
 
 
 def _from_array(array: np.ndarray) -> Image.Image:

@@ -6,9 +6,9 @@ always uint8 RGB arrays of shape ``(H, W, 3)``; a clip is an array of shape ``(F
 
 import os
 import uuid
+from collections.abc import Iterable
 from fractions import Fraction
 from pathlib import Path
-from typing import Iterable, Optional, Tuple, Union
 
 import av
 import numpy as np
@@ -16,9 +16,8 @@ from PIL import Image
 
 from ..errors import InputError
 
-
 DEFAULT_FPS = 25.0
-PathLike = Union[str, os.PathLike]
+PathLike = str | os.PathLike
 
 
 def _open_input(path: PathLike):
@@ -47,7 +46,7 @@ def probe_fps(path: PathLike) -> float:
         return _stream_fps(stream)
 
 
-def read_video(path: PathLike, max_frames: Optional[int] = None) -> Tuple[np.ndarray, float]:
+def read_video(path: PathLike, max_frames: int | None = None) -> tuple[np.ndarray, float]:
     """Decode the first video stream of `path` into a uint8 RGB array `(F, H, W, 3)` and its frame rate.
 
     At most `max_frames` frames are decoded when it is given. A damaged file (for example a truncated download)
@@ -73,7 +72,7 @@ def read_video(path: PathLike, max_frames: Optional[int] = None) -> Tuple[np.nda
     return np.stack(frames), fps
 
 
-def _to_fraction(fps: Union[float, Fraction]) -> Fraction:
+def _to_fraction(fps: float | Fraction) -> Fraction:
     """Exact rate for `fps`: NTSC rates such as 29.97 or 23.976 become 30000/1001 or 24000/1001."""
     if isinstance(fps, Fraction):
         return fps
@@ -116,7 +115,7 @@ class VideoWriter:
     ```
     """
 
-    def __init__(self, path: PathLike, fps: Union[float, Fraction] = DEFAULT_FPS, crf: int = 18):
+    def __init__(self, path: PathLike, fps: float | Fraction = DEFAULT_FPS, crf: int = 18):
         self.path = Path(path)
         self.rate = _to_fraction(fps)
         self.crf = crf
@@ -167,7 +166,7 @@ class VideoWriter:
                 self._temp_path.unlink()
 
 
-def write_video(path: PathLike, frames: Iterable, fps: Union[float, Fraction] = DEFAULT_FPS, crf: int = 18) -> Path:
+def write_video(path: PathLike, frames: Iterable, fps: float | Fraction = DEFAULT_FPS, crf: int = 18) -> Path:
     """Write an array `(F, H, W, 3)` or any iterable of frames to an H.264 mp4; see :class:`VideoWriter`."""
     with VideoWriter(path, fps=fps, crf=crf) as writer:
         for frame in frames:

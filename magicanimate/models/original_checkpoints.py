@@ -30,10 +30,24 @@ APPEARANCE_ENCODER_DEAD_TAIL = frozenset(
     + [
         _TAIL_BLOCK + key
         for key in [
-            "attn1.to_q.weight", "attn1.to_k.weight", "attn1.to_v.weight", "attn1.to_out.0.weight",
-            "attn1.to_out.0.bias", "norm2.weight", "norm2.bias", "attn2.to_q.weight", "attn2.to_k.weight",
-            "attn2.to_v.weight", "attn2.to_out.0.weight", "attn2.to_out.0.bias", "norm3.weight", "norm3.bias",
-            "ff.net.0.proj.weight", "ff.net.0.proj.bias", "ff.net.2.weight", "ff.net.2.bias",
+            "attn1.to_q.weight",
+            "attn1.to_k.weight",
+            "attn1.to_v.weight",
+            "attn1.to_out.0.weight",
+            "attn1.to_out.0.bias",
+            "norm2.weight",
+            "norm2.bias",
+            "attn2.to_q.weight",
+            "attn2.to_k.weight",
+            "attn2.to_v.weight",
+            "attn2.to_out.0.weight",
+            "attn2.to_out.0.bias",
+            "norm3.weight",
+            "norm3.bias",
+            "ff.net.0.proj.weight",
+            "ff.net.0.proj.bias",
+            "ff.net.2.weight",
+            "ff.net.2.bias",
         ]
     ]
 )

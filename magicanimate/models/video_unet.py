@@ -35,11 +35,11 @@ class VideoUNet(UNetMotionModel):
                 swap_group_norm(module, "norm", PerFrameGroupNorm)
         if self.conv_norm_out is not None:
             swap_group_norm(self, "conv_norm_out", CrossFrameGroupNorm)
+        self._cross_frame_norms = [m for m in self.modules() if isinstance(m, CrossFrameGroupNorm)]
 
     def forward(self, sample: torch.Tensor, *args, **kwargs):
-        for module in self.modules():
-            if isinstance(module, CrossFrameGroupNorm):
-                module.num_frames = sample.shape[2]
+        for norm in self._cross_frame_norms:
+            norm.num_frames = sample.shape[2]
         return super().forward(sample, *args, **kwargs)
 
 

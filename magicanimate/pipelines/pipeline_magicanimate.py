@@ -43,6 +43,12 @@ def magicanimate_scheduler() -> DDIMScheduler:
     )
 
 
+def _prefer_safetensors(path: Path) -> Path:
+    """``path`` with a ``.safetensors`` suffix when such a converted copy sits beside it."""
+    converted = path.with_suffix(".safetensors")
+    return converted if converted.is_file() else path
+
+
 @dataclass
 class MagicAnimatePipelineOutput(BaseOutput):
     """``frames``: ``(F, H, W, 3)`` float32 in [0, 1] (``output_type="np"``), a tensor, PIL images, or latents."""
@@ -116,7 +122,8 @@ class MagicAnimatePipeline(DiffusionPipeline):
         vae_path = Path(pretrained_vae_path or root / "sd-vae-ft-mse")
         appearance_path = Path(pretrained_appearance_encoder_path or root / "MagicAnimate" / "appearance_encoder")
         controlnet_path = Path(pretrained_controlnet_path or root / "MagicAnimate" / "densepose_controlnet")
-        motion_path = Path(motion_module or root / "MagicAnimate" / "temporal_attention" / "temporal_attention.ckpt")
+        default_motion = root / "MagicAnimate" / "temporal_attention" / "temporal_attention.ckpt"
+        motion_path = Path(motion_module or _prefer_safetensors(default_motion))
         for folder in (sd / "unet", sd / "text_encoder", sd / "tokenizer", vae_path, appearance_path, controlnet_path):
             if not folder.is_dir():
                 raise CheckpointError(
@@ -171,7 +178,10 @@ class MagicAnimatePipeline(DiffusionPipeline):
     def encode_prompt(self, prompt: str = "") -> torch.Tensor:
         """CLIP embedding of the prompt (the original always uses ``""``): ``(1, 77, dim)``."""
         ids = self.tokenizer(
-            prompt, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True,
+            prompt,
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
             return_tensors="pt",
         ).input_ids
         return self.text_encoder(ids.to(self.device))[0]
@@ -192,7 +202,9 @@ class MagicAnimatePipeline(DiffusionPipeline):
             return latents * self.scheduler.init_noise_sigma
         latents = latents.to(self.device, torch.float32)
         if latents.shape[0] != 1 or latents.shape[1] != shape[1] or latents.shape[3:] != shape[3:]:
-            raise InputError(f"latents must have shape (1, {shape[1]}, F, {shape[3]}, {shape[4]}), got {tuple(latents.shape)}")
+            raise InputError(
+                f"latents must have shape (1, {shape[1]}, F, {shape[3]}, {shape[4]}), got {tuple(latents.shape)}"
+            )
         if latents.shape[2] < num_frames:
             padding = latents[:, :, -1:].expand(-1, -1, num_frames - latents.shape[2], -1, -1)
             latents = torch.cat([latents, padding], dim=2)
@@ -226,7 +238,7 @@ class MagicAnimatePipeline(DiffusionPipeline):
                 return_dict=False,
             )
             outputs.append([*down, mid])
-        return [torch.cat(parts) for parts in zip(*outputs)]
+        return [torch.cat(parts) for parts in zip(*outputs, strict=True)]
 
     def predict_noise(self, latents, t, text, residuals, windows, guidance_scale, context_batch_size):
         """Guided noise prediction for the whole clip: window predictions summed in float32, divided by how many
@@ -240,7 +252,9 @@ class MagicAnimatePipeline(DiffusionPipeline):
             index = torch.tensor(batch, device=self.device)  # (windows, frames)
             sample = latents[0][:, index].transpose(0, 1)  # (windows, C, frames, h, w)
             sample = self.scheduler.scale_model_input(sample.repeat(halves, 1, 1, 1, 1), t).to(self.unet.dtype)
-            self.reference_control.update(torch.arange(halves * len(batch), device=self.device) >= (halves - 1) * len(batch))
+            # Rows are [unconditional windows ; conditional windows]; only the conditional ones see the reference.
+            conditional = torch.tensor([half == halves - 1 for half in range(halves) for _ in batch])
+            self.reference_control.update(conditional)
             flat = index.flatten()
             down = [r[flat].repeat(halves, 1, 1, 1) for r in residuals[:-1]]
             pred = self.unet(
@@ -264,9 +278,7 @@ class MagicAnimatePipeline(DiffusionPipeline):
     def decode_latents(self, latents: torch.Tensor, decode_chunk_size: int) -> torch.Tensor:
         """``(F, 3, H, W)`` float32 in [0, 1], decoded ``decode_chunk_size`` frames at a time."""
         frames = latents[0].transpose(0, 1) / VAE_SCALING_FACTOR
-        images = [
-            self.vae.decode(chunk.to(self.vae.dtype)).sample.float() for chunk in frames.split(decode_chunk_size)
-        ]
+        images = [self.vae.decode(chunk.to(self.vae.dtype)).sample.float() for chunk in frames.split(decode_chunk_size)]
         return (torch.cat(images) / 2 + 0.5).clamp(0, 1)
 
     @torch.no_grad()
