@@ -1,0 +1,156 @@
+"""One call from files to a video: ``magicanimate.animate(reference, motion, **settings)``.
+
+The settings are those of ``configs/animation.yaml`` (the CLI's flags, same names). Scripts that animate many
+clips load the pipeline once with :func:`load_pipeline` and pass it in.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .config import load_config
+from .errors import InputError
+from .io import VideoWriter, load_image, read_video, write_gif, write_png_frames
+
+PIECE_KEYS = (
+    "pretrained_model_path",
+    "pretrained_vae_path",
+    "pretrained_appearance_encoder_path",
+    "pretrained_controlnet_path",
+    "motion_module",
+)
+VIDEO_SUFFIXES = (".mp4", ".gif", "")  # "" = a folder of PNG frames
+
+
+@dataclass
+class Video:
+    """Frames ``(F, H, W, 3)`` uint8 RGB at ``fps``."""
+
+    frames: np.ndarray
+    fps: float
+
+    def save(self, path: str | Path, crf: int = 18) -> Path:
+        """Write ``.mp4`` (H.264, plays in browsers), ``.gif``, or PNG frames into a folder (no suffix); the file
+        appears only when complete."""
+        path = Path(path)
+        suffix = check_output_path(path)
+        if suffix == ".gif":
+            return write_gif(path, self.frames, fps=self.fps)
+        if suffix == "":
+            write_png_frames(path, self.frames)
+            return path
+        with VideoWriter(path, fps=self.fps, crf=crf) as writer:
+            for frame in self.frames:
+                writer.write(frame)
+        return path
+
+
+def check_output_path(path: str | Path) -> str:
+    """The output kind by suffix; fails before any work is done if it is not one we write."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in VIDEO_SUFFIXES:
+        raise InputError(f"output must end in .mp4 or .gif (or have no suffix for PNG frames), got {Path(path).name}")
+    return suffix
+
+
+def output_size(height: int, width: int, size: int | None) -> tuple[int, int]:
+    """Scale ``height x width`` so the shorter side is ``size``, both multiples of 8 (the VAE's factor)."""
+    if size is None:
+        return height // 8 * 8, width // 8 * 8
+    scale = size / min(height, width)
+    return max(8, round(height * scale / 8) * 8), max(8, round(width * scale / 8) * 8)
+
+
+def resolve_device(config):
+    """``(device, dtype)`` from the ``device``/``dtype`` settings (auto: CUDA in float16 when present)."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    device = ("cuda" if cuda else "cpu") if config.device == "auto" else config.device
+    names = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+    if config.dtype == "auto":
+        return device, torch.float16 if device.startswith("cuda") else torch.float32
+    if config.dtype not in names:
+        raise InputError(f"dtype must be auto, float16, bfloat16 or float32, got {config.dtype!r}")
+    return device, names[config.dtype]
+
+
+def load_pipeline(config=None, **settings):
+    """The pipeline for the configured checkpoints; the default tree is fetched on first use when online."""
+    from .weights import default_pretrained_dir, ensure_weights
+
+    config = (
+        load_config(config, **settings) if config is None or settings or isinstance(config, (str, Path)) else config
+    )
+    pieces = {key: config[key] for key in PIECE_KEYS if config[key]}
+    root = Path(config.pretrained) if config.pretrained else default_pretrained_dir()
+    if len(pieces) < len(PIECE_KEYS):
+        ensure_weights(root, download=config.pretrained is None)
+    from .pipelines import MagicAnimatePipeline
+
+    device, dtype = resolve_device(config)
+    pipe = MagicAnimatePipeline.from_pretrained(
+        root, **pieces, motion_only=config.motion_only, fusion_blocks=config.fusion_blocks, torch_dtype=dtype
+    )
+    return pipe.to(device)
+
+
+def grid_frames(reference: np.ndarray, motion: np.ndarray, result: np.ndarray) -> np.ndarray:
+    """``reference | motion | result`` side by side."""
+    return np.concatenate([np.broadcast_to(reference, result.shape), motion, result], axis=2)
+
+
+def animate(
+    reference,
+    motion,
+    *,
+    pipeline=None,
+    config: str | Path | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    **settings,
+) -> Video:
+    """Animate ``reference`` (path, PIL image or array) with ``motion`` (DensePose video path or uint8 frames).
+
+    ``settings`` are the keys of ``configs/animation.yaml`` (``steps=25``, ``guidance_scale=7.5``, ``seed=1``,
+    ``size=512``, ``grid=False``, ...); ``config`` is a YAML file of them. ``progress(step, total)`` is called after
+    every denoising step. The result keeps the motion's frame count and frame rate (unless ``fps`` is set).
+    """
+    config = load_config(config, **settings)
+    reference = load_image(reference)
+    if isinstance(motion, (str, Path)):
+        motion, motion_fps = read_video(motion, max_frames=config.max_frames)
+    else:
+        motion, motion_fps = np.asarray(motion)[: config.max_frames], 25.0
+    height, width = output_size(*motion.shape[1:3], config.size)
+    pipe = pipeline if pipeline is not None else load_pipeline(config)
+
+    import torch
+
+    def on_step(pipe, step, timestep, tensors):
+        if progress is not None:
+            progress(step + 1, config.steps)
+        return tensors
+
+    result = pipe(
+        reference,
+        motion,
+        num_inference_steps=config.steps,
+        guidance_scale=config.guidance_scale,
+        height=height,
+        width=width,
+        generator=torch.Generator(pipe.device).manual_seed(config.seed),
+        context_frames=config.context_frames,
+        context_overlap=config.context_overlap,
+        context_schedule=config.context_schedule,
+        context_batch_size=config.context_batch_size,
+        controlnet_conditioning_scale=config.controlnet_conditioning_scale,
+        eta=config.eta,
+        callback_on_step_end=on_step,
+    ).frames
+    frames = (result * 255).round().astype(np.uint8)
+    if config.grid:
+        sized_reference = np.asarray(reference.resize((width, height)))
+        frames = grid_frames(sized_reference, pipe.resize_frames(motion, height, width), frames)
+    return Video(frames=frames, fps=config.fps or motion_fps)
