@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from omegaconf import DictConfig
 
 from .config import load_config
 from .errors import InputError
@@ -77,13 +78,12 @@ def resolve_device(config):
     return device, names[config.dtype]
 
 
-def load_pipeline(config=None, **settings):
+def load_pipeline(config: DictConfig | str | Path | None = None, **settings):
     """The pipeline for the configured checkpoints; the default tree is fetched on first use when online."""
     from .weights import default_pretrained_dir, ensure_weights
 
-    config = (
-        load_config(config, **settings) if config is None or settings or isinstance(config, (str, Path)) else config
-    )
+    if not isinstance(config, DictConfig):
+        config = load_config(config, **settings)
     pieces = {key: config[key] for key in PIECE_KEYS if config[key]}
     root = Path(config.pretrained) if config.pretrained else default_pretrained_dir()
     if len(pieces) < len(PIECE_KEYS):
