@@ -14,8 +14,14 @@ _LAZY = {
     "MagicAnimatePipeline": "magicanimate.pipelines",
     "MagicAnimatePipelineOutput": "magicanimate.pipelines",
     "VideoUNet": "magicanimate.models",
+    "Video": "magicanimate.api",
+    "animate": "magicanimate.api",
+    "load_pipeline": "magicanimate.api",
 }
 __all__ = [
+    "Video",
+    "animate",
+    "load_pipeline",
     "CheckpointError",
     "InputError",
     "MagicAnimateError",
