@@ -1,4 +1,4 @@
-"""The ``magicanimate`` command: ``animate`` a photo with a DensePose video, ``download`` the weights.
+"""The ``magicanimate`` command: ``animate`` a photo with a DensePose video, ``batch`` many, ``demo``, ``download``.
 
 Every setting of ``configs/animation.yaml`` is a flag of ``animate`` under the same name (``context_overlap`` is
 ``--context-overlap``). Problems the user can fix print one ``error: ...`` line and exit non-zero (2 input,
@@ -10,6 +10,7 @@ import sys
 import traceback
 from pathlib import Path
 
+from . import batch, demo
 from .config import default_config, load_config
 from .errors import MagicAnimateError, ResourceError
 
@@ -50,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     download = commands.add_parser("download", help="fetch SD 1.5, sd-vae-ft-mse and MagicAnimate weights")
     download.add_argument("--to", default=None, help="target folder (default: $MAGICANIMATE_PRETRAINED or ~/.cache)")
     download.add_argument("--debug", action="store_true", help="show tracebacks")
+    batch.add_parser(commands, _add_setting_flags)  # `batch` and `demo` run through their `args.run`
+    demo.add_parser(commands, _add_setting_flags)
     return parser
 
 
@@ -76,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {animate_command(args)}")
         elif args.command == "download":
             print(f"weights are in {download_command(args)}")
+        else:
+            return args.run(args)
         return 0
     except KeyboardInterrupt:
         print("interrupted; nothing was written", file=sys.stderr)

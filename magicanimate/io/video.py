@@ -39,6 +39,15 @@ def _stream_fps(stream) -> float:
     return float(rate) if rate else DEFAULT_FPS
 
 
+def has_audio(path: PathLike) -> bool:
+    """Whether `path` is a readable file with an audio stream we can decode (header only, nothing decoded)."""
+    try:
+        with av.open(os.fspath(path)) as container:
+            return any(stream.codec_context is not None for stream in container.streams.audio)
+    except (av.FFmpegError, OSError, ValueError):
+        return False
+
+
 def probe_fps(path: PathLike) -> float:
     """Frame rate of the first video stream of `path`, read from the header without decoding (25.0 if unknown)."""
     container, stream = _open_input(path)
@@ -106,6 +115,9 @@ class VideoWriter:
     Frames go to a hidden temporary file next to `path`, which replaces `path` only when the ``with`` block exits
     without an exception: an interrupted run never leaves a half-written or clobbered video behind.
 
+    ``audio_from`` names a file whose first audio track is re-encoded to AAC into the result (the driving video's
+    sound, so a dance keeps its music), cut to the length of the video; a file without audio adds none.
+
     Example:
 
     ```py
@@ -115,12 +127,15 @@ class VideoWriter:
     ```
     """
 
-    def __init__(self, path: PathLike, fps: float | Fraction = DEFAULT_FPS, crf: int = 18):
+    def __init__(
+        self, path: PathLike, fps: float | Fraction = DEFAULT_FPS, crf: int = 18, audio_from: PathLike | None = None
+    ):
         self.path = Path(path)
         self.rate = _to_fraction(fps)
         self.crf = crf
+        self.audio_from = audio_from if audio_from is not None and has_audio(audio_from) else None
         self.frame_count = 0
-        self._container = self._stream = self._temp_path = None
+        self._container = self._stream = self._audio_stream = self._temp_path = None
 
     def __enter__(self) -> "VideoWriter":
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -141,6 +156,8 @@ class VideoWriter:
             self._stream = self._container.add_stream("libx264", rate=self.rate, options={"crf": str(self.crf)})
             self._stream.pix_fmt = "yuv420p"
             self._stream.height, self._stream.width = frame.shape[:2]
+            if self.audio_from is not None:  # every stream must exist before the first packet is muxed
+                self._audio_stream = _add_audio_stream(self._container, self.audio_from)
         elif frame.shape[:2] != (self._stream.height, self._stream.width):
             raise InputError(f"frame {self.frame_count} has size {width}x{height}, unlike the first frame")
         video_frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
@@ -155,6 +172,8 @@ class VideoWriter:
                 raise InputError(f"no frames to write to {self.path}; the video would be empty")
             if exc_type is None:
                 container.mux(self._stream.encode(None))  # flush frames buffered by the encoder
+                if self._audio_stream is not None:
+                    _mux_audio(container, self._audio_stream, self.audio_from, self.frame_count / self.rate)
                 container.close()
                 os.replace(self._temp_path, self.path)
         finally:
@@ -166,9 +185,59 @@ class VideoWriter:
                 self._temp_path.unlink()
 
 
-def write_video(path: PathLike, frames: Iterable, fps: float | Fraction = DEFAULT_FPS, crf: int = 18) -> Path:
+# Channel layouts the AAC encoder takes as they are; anything else is downmixed to stereo.
+_AAC_LAYOUTS = {"mono", "stereo", "3.0", "4.0", "5.0", "5.1", "7.1"}
+
+
+def _add_audio_stream(container, source: PathLike):
+    """An AAC stream in `container` shaped like the first audio track of `source`."""
+    with av.open(os.fspath(source)) as audio_input:
+        codec = audio_input.streams.audio[0].codec_context
+        rate, layout = codec.sample_rate or 48000, codec.layout.name
+    stream = container.add_stream("aac", rate=rate)
+    stream.layout = layout if layout in _AAC_LAYOUTS else "stereo"
+    return stream
+
+
+def _decoded_audio(container):
+    """Frames of the first audio track, then ``None`` (the flush marker); a damaged tail just ends the track."""
+    try:
+        yield from container.decode(container.streams.audio[0])
+    except (av.FFmpegError, OSError, ValueError):
+        pass
+    yield None
+
+
+def _mux_audio(container, stream, source: PathLike, duration: Fraction) -> None:
+    """Re-encode the first audio track of `source` into `stream`, cut at `duration` seconds."""
+    rate, layout = stream.codec_context.sample_rate, stream.layout.name
+    remaining = int(duration * rate)
+    # Planar float at the output's rate and layout, so a frame can be cut at any sample.
+    resampler = av.AudioResampler(format="fltp", layout=layout, rate=rate)
+    with av.open(os.fspath(source)) as audio_input:
+        for frame in _decoded_audio(audio_input):
+            for chunk in resampler.resample(frame):
+                samples = chunk.to_ndarray()[:, :remaining]
+                if samples.shape[1] == 0:
+                    break
+                out = av.AudioFrame.from_ndarray(np.ascontiguousarray(samples), format="fltp", layout=layout)
+                out.sample_rate, out.pts, out.time_base = rate, int(duration * rate) - remaining, Fraction(1, rate)
+                container.mux(stream.encode(out))
+                remaining -= samples.shape[1]
+            if remaining <= 0:
+                break
+    container.mux(stream.encode(None))
+
+
+def write_video(
+    path: PathLike,
+    frames: Iterable,
+    fps: float | Fraction = DEFAULT_FPS,
+    crf: int = 18,
+    audio_from: PathLike | None = None,
+) -> Path:
     """Write an array `(F, H, W, 3)` or any iterable of frames to an H.264 mp4; see :class:`VideoWriter`."""
-    with VideoWriter(path, fps=fps, crf=crf) as writer:
+    with VideoWriter(path, fps=fps, crf=crf, audio_from=audio_from) as writer:
         for frame in frames:
             writer.write(frame)
     return writer.path

@@ -8,6 +8,7 @@ unconditional rows do plain self-attention. Both sides are diffusers attention p
 """
 
 import torch
+import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from torch import nn
 
@@ -51,12 +52,18 @@ class ReferenceReadProcessor(AttnProcessor2_0):
 
     ``reference`` is ``(1, tokens, C)``, shared by every frame; ``conditional`` is a bool per batch item of the UNet
     call (its rows are ``batch * frames``, frame index fastest). With no reference set it is plain self-attention.
+    The reference keys and values are projected once per reference (i.e. once per denoising step) and broadcast to
+    every frame and window, instead of projecting a per-frame copy of the reference tokens as the original does.
     """
 
     def __init__(self):
         super().__init__()
-        self.reference: torch.Tensor | None = None
         self.conditional: torch.Tensor | None = None
+        self.set_reference(None)
+
+    def set_reference(self, reference: torch.Tensor | None) -> None:
+        self.reference = reference
+        self._reference_kv = None
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kw):
         plain = super().__call__
@@ -65,21 +72,34 @@ class ReferenceReadProcessor(AttnProcessor2_0):
         rows = self.conditional.to(hidden_states.device).repeat_interleave(
             hidden_states.shape[0] // self.conditional.numel()
         )
-        cond = hidden_states[rows]
-        reference = self.reference.to(cond.dtype).expand(cond.shape[0], -1, -1)
-        joint = torch.cat([cond, reference], dim=1)
         out = torch.empty_like(hidden_states)
-        out[rows] = plain(attn, cond, encoder_hidden_states=joint)
+        out[rows] = self.attend_with_reference(attn, hidden_states[rows])
         if not bool(rows.all()):
             out[~rows] = plain(attn, hidden_states[~rows])
         return out
+
+    def attend_with_reference(self, attn: Attention, hidden_states: torch.Tensor) -> torch.Tensor:
+        """``softmax(q k^T) v`` with keys/values over ``[own tokens ; reference tokens]``, by ``attn``'s weights."""
+        if self._reference_kv is None:
+            reference = self.reference.to(hidden_states.dtype)
+            self._reference_kv = (attn.to_k(reference), attn.to_v(reference))
+        reference_key, reference_value = self._reference_kv
+        rows = hidden_states.shape[0]
+        query = attn.to_q(hidden_states)
+        key = torch.cat([attn.to_k(hidden_states), reference_key.expand(rows, -1, -1)], dim=1)
+        value = torch.cat([attn.to_v(hidden_states), reference_value.expand(rows, -1, -1)], dim=1)
+        head_dim = query.shape[-1] // attn.heads
+        query, key, value = (x.view(rows, -1, attn.heads, head_dim).transpose(1, 2) for x in (query, key, value))
+        out = F.scaled_dot_product_attention(query, key, value, scale=attn.scale)
+        out = out.transpose(1, 2).reshape(rows, -1, attn.heads * head_dim)
+        return attn.to_out[1](attn.to_out[0](out))
 
 
 class ReferenceAttentionControl:
     """Pairs the appearance encoder's fused ``attn1`` layers with the video UNet's, by module name.
 
-    Usage per denoising step: ``control.clear()``; run the appearance encoder; ``control.update(conditional)``; run
-    the video UNet (as many windows as needed).
+    Usage per denoising step: ``control.clear()``; run the appearance encoder; ``control.load_reference()``; then
+    for every UNet call ``control.set_conditional(mask)`` (which batch items see the reference) and run the UNet.
     """
 
     def __init__(self, appearance_encoder: nn.Module, unet: nn.Module, fusion_blocks: str = "midup"):
@@ -94,14 +114,19 @@ class ReferenceAttentionControl:
             appearance_encoder.get_submodule(name).set_processor(self.writers[name])
             unet.get_submodule(name).set_processor(self.readers[name])
 
-    def update(self, conditional: torch.Tensor) -> None:
-        """Hand the banks the appearance encoder just wrote to the video UNet; ``conditional``: bool per batch item."""
+    def load_reference(self) -> None:
+        """Hand the banks the appearance encoder just wrote to the video UNet (its last row: the conditional one)."""
         for name, reader in self.readers.items():
-            reader.reference = self.writers[name].bank[-1:]
+            reader.set_reference(self.writers[name].bank[-1:])
+
+    def set_conditional(self, conditional: torch.Tensor) -> None:
+        """``conditional``: a bool per batch item of the next UNet call; only those items attend to the reference."""
+        for reader in self.readers.values():
             reader.conditional = conditional
 
     def clear(self) -> None:
         for writer in self.writers.values():
             writer.bank = None
         for reader in self.readers.values():
-            reader.reference = reader.conditional = None
+            reader.set_reference(None)
+            reader.conditional = None

@@ -27,3 +27,15 @@ def context_windows(
         starts = list(range(0, num_frames - context_frames, stride)) + [num_frames - context_frames]
         return [list(range(start, start + context_frames)) for start in starts]
     raise ValueError(f"context_schedule must be 'uniform' or 'sliding', got {schedule!r}")
+
+
+def fusion_weights(context_frames: int, schedule: str = "uniform") -> list[float]:
+    """Weight of each window position when overlapping predictions are averaged.
+
+    ``"uniform"`` keeps the original's plain mean (all ones). ``"sliding"`` ramps the weights down towards the window
+    edges (``min(k + 1, context_frames - k)``), so a frame's prediction comes mostly from the window that sees it in
+    the middle and window seams do not show.
+    """
+    if schedule == "uniform":
+        return [1.0] * context_frames
+    return [float(min(k + 1, context_frames - k)) for k in range(context_frames)]

@@ -7,6 +7,7 @@ per frame, classifier-free guidance is applied, and the scheduler takes a step.
 """
 
 import inspect
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +26,7 @@ from ..io import load_image, read_video
 from ..models.original_checkpoints import load_appearance_encoder, load_video_unet
 from ..models.reference_attention import ReferenceAttentionControl
 from ..models.video_unet import VideoUNet
-from .context_windows import context_windows
+from .context_windows import context_windows, fusion_weights
 
 VAE_SCALING_FACTOR = 0.18215  # hard-coded by the original, equal to sd-vae-ft-mse's config
 
@@ -221,56 +222,70 @@ class MagicAnimatePipeline(DiffusionPipeline):
         if max(latents.shape[-2:]) <= 2 ** (len(self.appearance_encoder.down_blocks) - 1):
             latents = latents.repeat(2, 1, 1, 1)
         self.appearance_encoder(latents, t, encoder_hidden_states=text.expand(len(latents), -1, -1), return_dict=False)
+        self.reference_control.load_reference()
 
-    def encode_motion(self, latents, t, text, control, chunk, scale):
-        """ControlNet residuals of every frame, ``(frames, C, h, w)`` per residual; conditional text only, as in the
-        original, and reused for both guidance halves."""
-        frames = latents[0].transpose(0, 1)
-        outputs = []
-        for start in range(0, len(frames), chunk):
-            part = frames[start : start + chunk]
-            down, mid = self.controlnet(
-                self.scheduler.scale_model_input(part, t).to(self.controlnet.dtype),
-                t,
-                encoder_hidden_states=text.expand(len(part), -1, -1),
-                controlnet_cond=control[start : start + chunk],
-                conditioning_scale=scale,
-                return_dict=False,
-            )
-            outputs.append([*down, mid])
-        return [torch.cat(parts) for parts in zip(*outputs, strict=True)]
+    def encode_motion(self, latents, t, text, control, frames: list[int], scale: float) -> list[list[torch.Tensor]]:
+        """ControlNet residuals (12 down + 1 mid) of the given frames, one list per frame. Conditional text only, as
+        in the original; the same residuals serve both guidance halves."""
+        index = torch.tensor(frames, device=self.device)
+        sample = self.scheduler.scale_model_input(latents[0][:, index].transpose(0, 1), t)
+        down, mid = self.controlnet(
+            sample.to(self.controlnet.dtype),
+            t,
+            encoder_hidden_states=text.expand(len(frames), -1, -1),
+            controlnet_cond=control[index],
+            conditioning_scale=scale,
+            return_dict=False,
+        )
+        residuals = [*down, mid]
+        return [[r[i] for r in residuals] for i in range(len(frames))]
 
-    def predict_noise(self, latents, t, text, residuals, windows, guidance_scale, context_batch_size):
-        """Guided noise prediction for the whole clip: window predictions summed in float32, divided by how many
-        windows cover each frame (plain mean), then classifier-free guidance."""
-        do_cfg = guidance_scale > 1
-        halves = 2 if do_cfg else 1
+    def predict_noise(self, latents, t, text, control, windows, weights, guidance_scale, context_batch_size, scale):
+        """Guided noise prediction for the whole clip.
+
+        Window predictions are summed in float32 with per-position ``weights`` and divided by the summed weights
+        (the original's plain mean when all weights are 1), then classifier-free guidance is applied. ControlNet
+        residuals are computed for the frames of each window batch when first needed and dropped after their last
+        window, so memory does not grow with the clip length and no frame is encoded twice.
+        """
+        halves = 2 if guidance_scale > 1 else 1
         total = torch.zeros((halves, *latents.shape[1:]), dtype=torch.float32, device=self.device)
         count = torch.zeros((1, 1, latents.shape[2], 1, 1), dtype=torch.float32, device=self.device)
+        weights = torch.tensor(weights, dtype=torch.float32, device=self.device)[:, None, None]
+        uses_left = Counter(frame for window in windows for frame in window)
+        residuals: dict[int, list[torch.Tensor]] = {}
         for first in range(0, len(windows), context_batch_size):
             batch = windows[first : first + context_batch_size]
+            frames = [frame for window in batch for frame in window]
+            new = sorted(set(frames) - residuals.keys())
+            if new:
+                residuals.update(zip(new, self.encode_motion(latents, t, text, control, new, scale), strict=True))
+            down_and_mid = [
+                torch.stack(parts).repeat(halves, 1, 1, 1) for parts in zip(*map(residuals.get, frames), strict=True)
+            ]
+
             index = torch.tensor(batch, device=self.device)  # (windows, frames)
-            sample = latents[0][:, index].transpose(0, 1)  # (windows, C, frames, h, w)
-            sample = self.scheduler.scale_model_input(sample.repeat(halves, 1, 1, 1, 1), t).to(self.unet.dtype)
+            sample = latents[0][:, index].transpose(0, 1).repeat(halves, 1, 1, 1, 1)  # (halves*windows, C, F, h, w)
             # Rows are [unconditional windows ; conditional windows]; only the conditional ones see the reference.
-            conditional = torch.tensor([half == halves - 1 for half in range(halves) for _ in batch])
-            self.reference_control.update(conditional)
-            flat = index.flatten()
-            down = [r[flat].repeat(halves, 1, 1, 1) for r in residuals[:-1]]
+            self.reference_control.set_conditional(torch.arange(halves).repeat_interleave(len(batch)) == halves - 1)
             pred = self.unet(
-                sample,
+                self.scheduler.scale_model_input(sample, t).to(self.unet.dtype),
                 t,
                 encoder_hidden_states=text.expand(sample.shape[0] * sample.shape[2], -1, -1),
-                down_block_additional_residuals=down,
-                mid_block_additional_residual=residuals[-1][flat].repeat(halves, 1, 1, 1),
+                down_block_additional_residuals=down_and_mid[:-1],
+                mid_block_additional_residual=down_and_mid[-1],
                 return_dict=False,
             )[0].float()
-            for w, frames in enumerate(batch):
+            for w, window in enumerate(batch):
                 for half in range(halves):
-                    total[half, :, frames] += pred[half * len(batch) + w]
-                count[:, :, frames] += 1
+                    total[half, :, window] += pred[half * len(batch) + w] * weights
+                count[:, :, window] += weights
+            for frame in frames:
+                uses_left[frame] -= 1
+                if uses_left[frame] == 0:
+                    del residuals[frame]
         noise = total / count
-        if do_cfg:
+        if halves == 2:
             uncond, cond = noise.chunk(2)
             return uncond + guidance_scale * (cond - uncond)
         return noise
@@ -342,6 +357,7 @@ class MagicAnimatePipeline(DiffusionPipeline):
         text = self.encode_prompt(prompt)
         reference_latents = self.encode_reference(reference)
         windows = context_windows(padded_frames, context_frames, context_overlap, context_schedule)
+        weights = fusion_weights(len(windows[0]), context_schedule)
 
         # 3. Noise and timesteps.
         self.scheduler.set_timesteps(num_inference_steps, device=self.device)
@@ -356,8 +372,17 @@ class MagicAnimatePipeline(DiffusionPipeline):
         # 4. Denoising loop.
         for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
             self.encode_appearance(reference_latents, t, text)
-            residuals = self.encode_motion(latents, t, text, control, context_frames, controlnet_conditioning_scale)
-            noise = self.predict_noise(latents, t, text, residuals, windows, guidance_scale, context_batch_size)
+            noise = self.predict_noise(
+                latents,
+                t,
+                text,
+                control,
+                windows,
+                weights,
+                guidance_scale,
+                context_batch_size,
+                controlnet_conditioning_scale,
+            )
             latents = self.scheduler.step(noise, t, latents, **step_kwargs, return_dict=False)[0]
             if callback_on_step_end is not None:
                 latents = (callback_on_step_end(self, i, t, {"latents": latents}) or {}).get("latents", latents)

@@ -1,0 +1,54 @@
+"""The one intermediate every backend produces and every later step consumes: a detected person."""
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class Person:
+    """One detection: where it is, how sure the detector is, and its part labels.
+
+    Attributes:
+        box: ``(x0, y0, x1, y1)`` float32 in pixels of the frame it was found in.
+        score: detection confidence; only compared between persons (higher wins overlaps and ``person="score"``).
+        labels: uint8 part ids 0..24 (0 = not this person) covering exactly the box. Its resolution may be lower
+            than the box's (backends cap it to save memory); it is placed with nearest-neighbour resampling.
+    """
+
+    box: np.ndarray
+    score: float
+    labels: np.ndarray
+
+    def __post_init__(self):
+        self.box = np.asarray(self.box, dtype=np.float32).reshape(4)
+        self.labels = np.asarray(self.labels, dtype=np.uint8)
+
+    @property
+    def width(self) -> float:
+        return float(self.box[2] - self.box[0])
+
+    @property
+    def height(self) -> float:
+        return float(self.box[3] - self.box[1])
+
+    @property
+    def area(self) -> float:
+        return max(self.width, 0.0) * max(self.height, 0.0)
+
+
+def union_box(persons: list[Person]) -> np.ndarray | None:
+    """The box around all `persons` (None for an empty list)."""
+    if not persons:
+        return None
+    boxes = np.stack([p.box for p in persons])
+    return np.concatenate([boxes[:, :2].min(0), boxes[:, 2:].max(0)])
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    """Intersection over union of two xyxy boxes."""
+    w = min(a[2], b[2]) - max(a[0], b[0])
+    h = min(a[3], b[3]) - max(a[1], b[1])
+    inter = max(w, 0.0) * max(h, 0.0)
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return float(inter / union) if union > 0 else 0.0
