@@ -21,6 +21,7 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from ..distributed import all_reduce_sum, gather_frames, rank_and_world, share
 from ..errors import CheckpointError, InputError
 from ..io import load_image, read_video
 from ..models.original_checkpoints import load_appearance_encoder, load_video_unet
@@ -42,6 +43,32 @@ def magicanimate_scheduler() -> DDIMScheduler:
         set_alpha_to_one=True,
         timestep_spacing="leading",
     )
+
+
+@dataclass
+class WindowWork:
+    """The windows of a clip and the part of them this process computes every step."""
+
+    windows: list[list[int]]  # every window of the clip, in schedule order
+    weights: list[float]  # fusion weight of each window position
+    mine: list[list[int]]  # the windows this process runs
+    branches: list[bool]  # guidance branches of the clip: [unconditional, conditional] or [conditional]
+    my_branches: list[bool]  # the branches this process runs
+    batch_size: int  # windows per UNet call
+    control_chunk: int  # frames per ControlNet call
+    distributed: bool
+
+    @classmethod
+    def plan(cls, windows, weights, guidance_scale, batch_size, distributed=False, cfg_parallel=False):
+        branches = [False, True] if guidance_scale > 1 else [True]
+        rank, world = rank_and_world() if distributed else (0, 1)
+        my_branches, groups, group = branches, world, rank
+        if cfg_parallel and world > 1 and len(branches) == 2:
+            if world % 2:
+                raise InputError(f"cfg_parallel needs an even number of processes, got {world}")
+            my_branches, groups, group = [branches[rank % 2]], world // 2, rank // 2
+        mine = share(windows, groups, group)
+        return cls(windows, weights, mine, branches, my_branches, batch_size, len(weights), world > 1)
 
 
 def _prefer_safetensors(path: Path) -> Path:
@@ -224,68 +251,74 @@ class MagicAnimatePipeline(DiffusionPipeline):
         self.appearance_encoder(latents, t, encoder_hidden_states=text.expand(len(latents), -1, -1), return_dict=False)
         self.reference_control.load_reference()
 
-    def encode_motion(self, latents, t, text, control, frames: list[int], scale: float) -> list[list[torch.Tensor]]:
-        """ControlNet residuals (12 down + 1 mid) of the given frames, one list per frame. Conditional text only, as
-        in the original; the same residuals serve both guidance halves."""
-        index = torch.tensor(frames, device=self.device)
-        sample = self.scheduler.scale_model_input(latents[0][:, index].transpose(0, 1), t)
+    def encode_motion(self, latents, t, text, control, frames: slice, scale: float) -> list[torch.Tensor]:
+        """ControlNet residuals (12 down + 1 mid) of a run of frames. Conditional text only, as in the original;
+        the same residuals serve both guidance halves."""
+        sample = self.scheduler.scale_model_input(latents[0][:, frames].transpose(0, 1), t)
         down, mid = self.controlnet(
             sample.to(self.controlnet.dtype),
             t,
-            encoder_hidden_states=text.expand(len(frames), -1, -1),
-            controlnet_cond=control[index],
+            encoder_hidden_states=text.expand(len(sample), -1, -1),
+            controlnet_cond=control[frames],
             conditioning_scale=scale,
             return_dict=False,
         )
-        residuals = [*down, mid]
-        return [[r[i] for r in residuals] for i in range(len(frames))]
+        return [*down, mid]
 
-    def predict_noise(self, latents, t, text, control, windows, weights, guidance_scale, context_batch_size, scale):
+    def predict_noise(self, latents, t, text, control, work: "WindowWork", guidance_scale: float, scale: float):
         """Guided noise prediction for the whole clip.
 
-        Window predictions are summed in float32 with per-position ``weights`` and divided by the summed weights
-        (the original's plain mean when all weights are 1), then classifier-free guidance is applied. ControlNet
+        Window predictions are summed in float32 with per-position weights and divided by the summed weights (the
+        original's plain mean when all weights are 1), then classifier-free guidance is applied. ControlNet
         residuals are computed for the frames of each window batch when first needed and dropped after their last
-        window, so memory does not grow with the clip length and no frame is encoded twice.
+        window, so memory does not grow with the clip length and no frame is encoded twice. They are computed in
+        the original's fixed ``context_frames`` chunks, so every frame's residuals are the same floats however the
+        windows are batched or split. In a process group each rank computes its share (``work``) and one
+        ``all_reduce`` sums the predictions.
         """
-        halves = 2 if guidance_scale > 1 else 1
-        total = torch.zeros((halves, *latents.shape[1:]), dtype=torch.float32, device=self.device)
+        total = torch.zeros((len(work.branches), *latents.shape[1:]), dtype=torch.float32, device=self.device)
+        weights = torch.tensor(work.weights, dtype=torch.float32, device=self.device)[:, None, None]
         count = torch.zeros((1, 1, latents.shape[2], 1, 1), dtype=torch.float32, device=self.device)
-        weights = torch.tensor(weights, dtype=torch.float32, device=self.device)[:, None, None]
-        uses_left = Counter(frame for window in windows for frame in window)
-        residuals: dict[int, list[torch.Tensor]] = {}
-        for first in range(0, len(windows), context_batch_size):
-            batch = windows[first : first + context_batch_size]
+        for window in work.windows:
+            count[:, :, window] += weights
+        size = work.control_chunk
+        uses_left = Counter(frame // size for window in work.mine for frame in window)
+        residuals: dict[int, list[torch.Tensor]] = {}  # chunk index -> residuals of its frames
+        rows = len(work.my_branches)
+        for first in range(0, len(work.mine), work.batch_size):
+            batch = work.mine[first : first + work.batch_size]
             frames = [frame for window in batch for frame in window]
-            new = sorted(set(frames) - residuals.keys())
-            if new:
-                residuals.update(zip(new, self.encode_motion(latents, t, text, control, new, scale), strict=True))
-            down_and_mid = [
-                torch.stack(parts).repeat(halves, 1, 1, 1) for parts in zip(*map(residuals.get, frames), strict=True)
+            for chunk in sorted({frame // size for frame in frames} - residuals.keys()):
+                run = slice(chunk * size, (chunk + 1) * size)
+                residuals[chunk] = self.encode_motion(latents, t, text, control, run, scale)
+            stacked = [
+                torch.stack([residuals[frame // size][i][frame % size] for frame in frames]).repeat(rows, 1, 1, 1)
+                for i in range(len(residuals[frames[0] // size]))
             ]
 
             index = torch.tensor(batch, device=self.device)  # (windows, frames)
-            sample = latents[0][:, index].transpose(0, 1).repeat(halves, 1, 1, 1, 1)  # (halves*windows, C, F, h, w)
-            # Rows are [unconditional windows ; conditional windows]; only the conditional ones see the reference.
-            self.reference_control.set_conditional(torch.arange(halves).repeat_interleave(len(batch)) == halves - 1)
+            sample = latents[0][:, index].transpose(0, 1).repeat(rows, 1, 1, 1, 1)  # (rows*windows, C, F, h, w)
+            # Rows are grouped by branch ([unconditional ; conditional]); only conditional rows see the reference.
+            self.reference_control.set_conditional(torch.tensor(work.my_branches).repeat_interleave(len(batch)))
             pred = self.unet(
                 self.scheduler.scale_model_input(sample, t).to(self.unet.dtype),
                 t,
                 encoder_hidden_states=text.expand(sample.shape[0] * sample.shape[2], -1, -1),
-                down_block_additional_residuals=down_and_mid[:-1],
-                mid_block_additional_residual=down_and_mid[-1],
+                down_block_additional_residuals=stacked[:-1],
+                mid_block_additional_residual=stacked[-1],
                 return_dict=False,
             )[0].float()
-            for w, window in enumerate(batch):
-                for half in range(halves):
-                    total[half, :, window] += pred[half * len(batch) + w] * weights
-                count[:, :, window] += weights
+            for row, branch in enumerate(work.my_branches):
+                for w, window in enumerate(batch):
+                    total[work.branches.index(branch), :, window] += pred[row * len(batch) + w] * weights
             for frame in frames:
-                uses_left[frame] -= 1
-                if uses_left[frame] == 0:
-                    del residuals[frame]
+                uses_left[frame // size] -= 1
+                if uses_left[frame // size] == 0:
+                    del residuals[frame // size]
+        if work.distributed:
+            all_reduce_sum(total)
         noise = total / count
-        if halves == 2:
+        if len(work.branches) == 2:
             uncond, cond = noise.chunk(2)
             return uncond + guidance_scale * (cond - uncond)
         return noise
@@ -318,6 +351,8 @@ class MagicAnimatePipeline(DiffusionPipeline):
         output_type: str = "np",
         return_dict: bool = True,
         callback_on_step_end: Callable[["MagicAnimatePipeline", int, int, dict], dict] | None = None,
+        distributed: bool = False,
+        cfg_parallel: bool = False,
     ) -> MagicAnimatePipelineOutput | tuple:
         """Animate ``reference_image`` (PIL image, HxWx3 uint8 array or path) following ``motion`` (DensePose frames:
         FxHxWx3 uint8 array, list of images, or a video path).
@@ -339,6 +374,10 @@ class MagicAnimatePipeline(DiffusionPipeline):
             output_type: ``"np"`` (``(F, H, W, 3)`` float32), ``"pt"``, ``"pil"`` or ``"latent"``.
             callback_on_step_end: ``fn(pipe, step, timestep, {"latents": ...})`` after every step; may return a
                 dict with replacement ``latents``.
+            distributed: inside an initialised ``torch.distributed`` process group, split the windows, their
+                ControlNet frames and the decoded frames across ranks; every rank returns the whole video.
+            cfg_parallel: with ``distributed`` and guidance, run the unconditional and conditional branches on
+                different ranks (needs an even number of ranks).
         """
         # 1. Inputs: motion frames define the clip length and (by default) the size.
         frames = self.load_motion(motion)
@@ -356,8 +395,14 @@ class MagicAnimatePipeline(DiffusionPipeline):
         # 2. Conditioning that does not change over the steps.
         text = self.encode_prompt(prompt)
         reference_latents = self.encode_reference(reference)
-        windows = context_windows(padded_frames, context_frames, context_overlap, context_schedule)
-        weights = fusion_weights(len(windows[0]), context_schedule)
+        work = WindowWork.plan(
+            context_windows(padded_frames, context_frames, context_overlap, context_schedule),
+            fusion_weights(min(context_frames, padded_frames), context_schedule),
+            guidance_scale,
+            context_batch_size,
+            distributed,
+            cfg_parallel,
+        )
 
         # 3. Noise and timesteps.
         self.scheduler.set_timesteps(num_inference_steps, device=self.device)
@@ -372,28 +417,23 @@ class MagicAnimatePipeline(DiffusionPipeline):
         # 4. Denoising loop.
         for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
             self.encode_appearance(reference_latents, t, text)
-            noise = self.predict_noise(
-                latents,
-                t,
-                text,
-                control,
-                windows,
-                weights,
-                guidance_scale,
-                context_batch_size,
-                controlnet_conditioning_scale,
-            )
+            noise = self.predict_noise(latents, t, text, control, work, guidance_scale, controlnet_conditioning_scale)
             latents = self.scheduler.step(noise, t, latents, **step_kwargs, return_dict=False)[0]
             if callback_on_step_end is not None:
                 latents = (callback_on_step_end(self, i, t, {"latents": latents}) or {}).get("latents", latents)
         self.reference_control.clear()
 
-        # 5. Decode, crop the padding off.
+        # 5. Decode (each rank its share of the frames in a process group), crop the padding off.
         latents = latents[:, :, :num_frames]
         if output_type == "latent":
             video = latents
+        elif work.distributed:
+            rank, world = rank_and_world()
+            mine = share(list(range(num_frames)), world, rank)
+            video = gather_frames(self.decode_latents(latents[:, :, mine], decode_chunk_size), num_frames)
         else:
             video = self.decode_latents(latents, decode_chunk_size)
+        if output_type != "latent":
             if output_type == "np":
                 video = video.permute(0, 2, 3, 1).cpu().numpy()
             elif output_type == "pil":
