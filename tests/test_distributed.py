@@ -96,9 +96,11 @@ def test_two_ranks_match_one_process(tmp_path, single_process, mode):
     rank0, rank1 = np.load(tmp_path / "rank0.npy"), np.load(tmp_path / "rank1.npy")
     assert rank0.shape == single_process[mode].shape == (64, 64, 64, 3)
     np.testing.assert_array_equal(rank0, rank1)  # every rank holds the same latents and video
-    # Bit-identical: each frame gets the same window predictions (same UNet batches, ControlNet in the same fixed
-    # chunks), and adding two ranks' partial sums is the same single float addition the one process does.
-    np.testing.assert_array_equal(rank0, single_process[mode])
+    # Parity mode is bit-identical: every window is its own UNet call, ControlNet runs in the same fixed chunks,
+    # and adding two ranks' partial sums is the same float addition the one process does. In fast mode a rank may
+    # batch other windows together (3 + 2 instead of 2 + 2 + 1), which can change rounding at the 1e-7 level.
+    difference = np.abs(rank0 - single_process[mode]).max()
+    assert difference == 0 if mode == "parity" else difference <= 1e-6
 
 
 def test_cfg_parallel_matches_one_process(tmp_path, single_process):
