@@ -69,13 +69,15 @@ class ReferenceReadProcessor(AttnProcessor2_0):
         plain = super().__call__
         if self.reference is None or self.conditional is None or not bool(self.conditional.any()):
             return plain(attn, hidden_states, attention_mask=attention_mask, temb=temb)
-        rows = self.conditional.to(hidden_states.device).repeat_interleave(
-            hidden_states.shape[0] // self.conditional.numel()
-        )
+        # Row indices (not boolean masks) so shapes never depend on tensor values: works on any device, even "meta".
+        conditional = self.conditional.cpu().repeat_interleave(hidden_states.shape[0] // self.conditional.numel())
+        if bool(conditional.all()):
+            return self.attend_with_reference(attn, hidden_states)
+        cond_rows = conditional.nonzero().flatten().to(hidden_states.device)
+        plain_rows = (~conditional).nonzero().flatten().to(hidden_states.device)
         out = torch.empty_like(hidden_states)
-        out[rows] = self.attend_with_reference(attn, hidden_states[rows])
-        if not bool(rows.all()):
-            out[~rows] = plain(attn, hidden_states[~rows])
+        out.index_copy_(0, cond_rows, self.attend_with_reference(attn, hidden_states.index_select(0, cond_rows)))
+        out.index_copy_(0, plain_rows, plain(attn, hidden_states.index_select(0, plain_rows)))
         return out
 
     def attend_with_reference(self, attn: Attention, hidden_states: torch.Tensor) -> torch.Tensor:

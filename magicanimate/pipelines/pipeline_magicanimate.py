@@ -259,7 +259,7 @@ class MagicAnimatePipeline(DiffusionPipeline):
             sample.to(self.controlnet.dtype),
             t,
             encoder_hidden_states=text.expand(len(sample), -1, -1),
-            controlnet_cond=control[frames],
+            controlnet_cond=control[frames].to(self.device, self.controlnet.dtype).permute(0, 3, 1, 2) / 255,
             conditioning_scale=scale,
             return_dict=False,
         )
@@ -324,10 +324,14 @@ class MagicAnimatePipeline(DiffusionPipeline):
         return noise
 
     def decode_latents(self, latents: torch.Tensor, decode_chunk_size: int) -> torch.Tensor:
-        """``(F, 3, H, W)`` float32 in [0, 1], decoded ``decode_chunk_size`` frames at a time."""
+        """``(F, 3, H, W)`` float32 in [0, 1] on the CPU, decoded ``decode_chunk_size`` frames at a time; each chunk
+        leaves the accelerator at once, so its memory does not grow with the clip length."""
         frames = latents[0].transpose(0, 1) / VAE_SCALING_FACTOR
-        images = [self.vae.decode(chunk.to(self.vae.dtype)).sample.float() for chunk in frames.split(decode_chunk_size)]
-        return (torch.cat(images) / 2 + 0.5).clamp(0, 1)
+        images = [
+            (self.vae.decode(chunk.to(self.vae.dtype)).sample.float() / 2 + 0.5).clamp(0, 1).cpu()
+            for chunk in frames.split(decode_chunk_size)
+        ]
+        return torch.cat(images)
 
     @torch.no_grad()
     def __call__(
@@ -390,7 +394,7 @@ class MagicAnimatePipeline(DiffusionPipeline):
         reference = np.asarray(load_image(reference_image).resize((width, height), PIL.Image.BICUBIC))
         padded_frames = -(-num_frames // context_frames) * context_frames
         frames = np.concatenate([frames, np.repeat(frames[-1:], padded_frames - num_frames, axis=0)])
-        control = torch.from_numpy(frames).to(self.device, self.controlnet.dtype).permute(0, 3, 1, 2) / 255
+        control = torch.from_numpy(frames)  # stays uint8 on the CPU; each ControlNet chunk moves what it needs
 
         # 2. Conditioning that does not change over the steps.
         text = self.encode_prompt(prompt)
@@ -430,7 +434,8 @@ class MagicAnimatePipeline(DiffusionPipeline):
         elif work.distributed:
             rank, world = rank_and_world()
             mine = share(list(range(num_frames)), world, rank)
-            video = gather_frames(self.decode_latents(latents[:, :, mine], decode_chunk_size), num_frames)
+            decoded = self.decode_latents(latents[:, :, mine], decode_chunk_size).to(self.device)
+            video = gather_frames(decoded, num_frames).cpu()
         else:
             video = self.decode_latents(latents, decode_chunk_size)
         if output_type != "latent":
