@@ -4,6 +4,11 @@ The motion modules and the cross-frame GroupNorms were trained on 16-frame clips
 overlapping windows whose predictions are averaged per frame.
 """
 
+from dataclasses import dataclass
+
+from ..distributed import rank_and_world, share
+from ..errors import InputError
+
 
 def context_windows(
     num_frames: int, context_frames: int = 16, context_overlap: int = 4, schedule: str = "uniform"
@@ -17,7 +22,7 @@ def context_windows(
       frames, so a non-looping motion never attends to its own beginning.
     """
     if context_overlap >= context_frames:
-        raise ValueError(f"context_overlap ({context_overlap}) must be smaller than context_frames ({context_frames})")
+        raise InputError(f"context_overlap ({context_overlap}) must be smaller than context_frames ({context_frames})")
     if num_frames <= context_frames:
         return [list(range(num_frames))]
     stride = context_frames - context_overlap
@@ -26,7 +31,7 @@ def context_windows(
     if schedule == "sliding":
         starts = list(range(0, num_frames - context_frames, stride)) + [num_frames - context_frames]
         return [list(range(start, start + context_frames)) for start in starts]
-    raise ValueError(f"context_schedule must be 'uniform' or 'sliding', got {schedule!r}")
+    raise InputError(f"context_schedule must be 'uniform' or 'sliding', got {schedule!r}")
 
 
 def fusion_weights(context_frames: int, schedule: str = "uniform") -> list[float]:
@@ -39,3 +44,29 @@ def fusion_weights(context_frames: int, schedule: str = "uniform") -> list[float
     if schedule == "uniform":
         return [1.0] * context_frames
     return [float(min(k + 1, context_frames - k)) for k in range(context_frames)]
+
+
+@dataclass
+class WindowWork:
+    """The windows of a clip and the part of them this process computes every step."""
+
+    windows: list[list[int]]  # every window of the clip, in schedule order
+    weights: list[float]  # fusion weight of each window position
+    mine: list[list[int]]  # the windows this process runs
+    branches: list[bool]  # guidance branches of the clip: [unconditional, conditional] or [conditional]
+    my_branches: list[bool]  # the branches this process runs
+    batch_size: int  # windows per UNet call
+    control_chunk: int  # frames per ControlNet call
+    distributed: bool
+
+    @classmethod
+    def plan(cls, windows, weights, guidance_scale, batch_size, distributed=False, cfg_parallel=False):
+        branches = [False, True] if guidance_scale > 1 else [True]
+        rank, world = rank_and_world() if distributed else (0, 1)
+        my_branches, groups, group = branches, world, rank
+        if cfg_parallel and world > 1 and len(branches) == 2:
+            if world % 2:
+                raise InputError(f"cfg_parallel needs an even number of processes, got {world}")
+            my_branches, groups, group = [branches[rank % 2]], world // 2, rank // 2
+        mine = share(windows, groups, group)
+        return cls(windows, weights, mine, branches, my_branches, batch_size, len(weights), world > 1)

@@ -27,7 +27,7 @@ from ..io import load_image, read_video
 from ..models.original_checkpoints import load_appearance_encoder, load_video_unet
 from ..models.reference_attention import ReferenceAttentionControl
 from ..models.video_unet import VideoUNet
-from .context_windows import context_windows, fusion_weights
+from .context_windows import WindowWork, context_windows, fusion_weights
 
 VAE_SCALING_FACTOR = 0.18215  # hard-coded by the original, equal to sd-vae-ft-mse's config
 
@@ -43,32 +43,6 @@ def magicanimate_scheduler() -> DDIMScheduler:
         set_alpha_to_one=True,
         timestep_spacing="leading",
     )
-
-
-@dataclass
-class WindowWork:
-    """The windows of a clip and the part of them this process computes every step."""
-
-    windows: list[list[int]]  # every window of the clip, in schedule order
-    weights: list[float]  # fusion weight of each window position
-    mine: list[list[int]]  # the windows this process runs
-    branches: list[bool]  # guidance branches of the clip: [unconditional, conditional] or [conditional]
-    my_branches: list[bool]  # the branches this process runs
-    batch_size: int  # windows per UNet call
-    control_chunk: int  # frames per ControlNet call
-    distributed: bool
-
-    @classmethod
-    def plan(cls, windows, weights, guidance_scale, batch_size, distributed=False, cfg_parallel=False):
-        branches = [False, True] if guidance_scale > 1 else [True]
-        rank, world = rank_and_world() if distributed else (0, 1)
-        my_branches, groups, group = branches, world, rank
-        if cfg_parallel and world > 1 and len(branches) == 2:
-            if world % 2:
-                raise InputError(f"cfg_parallel needs an even number of processes, got {world}")
-            my_branches, groups, group = [branches[rank % 2]], world // 2, rank // 2
-        mine = share(windows, groups, group)
-        return cls(windows, weights, mine, branches, my_branches, batch_size, len(weights), world > 1)
 
 
 def _prefer_safetensors(path: Path) -> Path:
