@@ -1,6 +1,12 @@
 """Shared, session-scoped fixtures: the tiny original-layout tree, a pipeline loaded from it, one baseline run, and
-the reference-parity fixture (which lives in ../shared and is only present in CI)."""
+the reference-parity fixture (which lives in ../shared and is only present in CI).
 
+Threads: torch runs single-threaded here unless OMP_NUM_THREADS or MAGICANIMATE_TEST_THREADS says otherwise. With
+its default (one thread per core) a loaded 2-core machine slows these tiny models down 20-40x (threads spin-waiting
+on each other); one thread costs ~1.4x on an idle machine. The parity tolerances hold for either thread count.
+"""
+
+import os
 import sys
 from pathlib import Path
 
@@ -13,6 +19,9 @@ if str(TESTS) not in sys.path:  # so test modules can `import tiny_models`
     sys.path.insert(0, str(TESTS))
 
 from tiny_models import build_tiny_original_tree, make_motion, make_reference  # noqa: E402
+
+if "OMP_NUM_THREADS" not in os.environ or "MAGICANIMATE_TEST_THREADS" in os.environ:
+    torch.set_num_threads(int(os.environ.get("MAGICANIMATE_TEST_THREADS", "1")))
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 PARITY = SHARED / "fixtures" / "reference-parity"
@@ -72,6 +81,10 @@ def tiny_latents(num_frames: int, seed: int = 1, size: int = TINY_SIZE) -> torch
 def tiny_baseline(tiny_pipe, reference_image, motion16) -> np.ndarray:
     """Frames of the reference tiny run: 16 frames, 64x64, 2 steps, guidance 7.5, fixed latents."""
     return tiny_pipe(
-        reference_image, motion16, num_inference_steps=TINY_STEPS, guidance_scale=7.5,
-        latents=tiny_latents(TINY_FRAMES), output_type="np",
+        reference_image,
+        motion16,
+        num_inference_steps=TINY_STEPS,
+        guidance_scale=7.5,
+        latents=tiny_latents(TINY_FRAMES),
+        output_type="np",
     ).frames

@@ -6,10 +6,9 @@ import math
 import numpy as np
 import pytest
 import torch
-from torch import nn
-
 from conftest import parity_dir
 from tiny_models import TINY_CHANNELS, UNET_CONFIG, randomize_
+from torch import nn
 
 from magicanimate.models.group_norms import CrossFrameGroupNorm, PerFrameGroupNorm
 from magicanimate.models.original_checkpoints import load_appearance_encoder, load_video_unet
@@ -189,7 +188,8 @@ def _run(unet, appearance, control, t=500, seed=0):
     if control is not None:
         control.clear()
         appearance(reference.repeat(2, 1, 1, 1), t, encoder_hidden_states=text.expand(2, -1, -1))
-        control.update(torch.tensor([False, True]))
+        control.load_reference()
+        control.set_conditional(torch.tensor([False, True]))
     out = unet(sample, t, encoder_hidden_states=text.expand(2 * frames, -1, -1)).sample
     if control is not None:
         control.clear()
@@ -271,9 +271,8 @@ def test_single_unet_call_matches_original(parity_models):
 
     control.clear()
     for i, name in enumerate(names):
-        reader = control.readers[name]
-        reader.reference = torch.from_numpy(call[f"bank_{i:02d}"][1:2])  # row 1 = conditional copy
-        reader.conditional = torch.tensor([False, True])
+        control.readers[name].set_reference(torch.from_numpy(call[f"bank_{i:02d}"][1:2]))  # row 1 = conditional
+    control.set_conditional(torch.tensor([False, True]))
 
     def per_frame(array):  # (2, C, 16, h, w) -> (2 * 16, C, h, w), frame index fastest
         tensor = torch.from_numpy(array)
@@ -286,7 +285,9 @@ def test_single_unet_call_matches_original(parity_models):
             sample,
             torch.from_numpy(call["timestep"]),
             encoder_hidden_states=torch.from_numpy(call["encoder_hidden_states"]).repeat_interleave(frames, dim=0),
-            down_block_additional_residuals=[per_frame(call[f"down_block_additional_residual_{i:02d}"]) for i in range(12)],
+            down_block_additional_residuals=[
+                per_frame(call[f"down_block_additional_residual_{i:02d}"]) for i in range(12)
+            ],
             mid_block_additional_residual=per_frame(call["mid_block_additional_residual"]),
         ).sample
     finally:
@@ -348,9 +349,11 @@ def test_uniform_matches_the_original_schedule_formula():
     """The original's uniform(step=0, stride=1, closed_loop=True): starts 0, s, 2s, ... < N, window (j + k) mod N."""
     for frames in (16, 32, 48, 64, 80, 128):
         stride = 16 - 4
-        expected = [[(j + k) % frames for k in range(16)] for j in range(0, frames, stride)] if frames > 16 else [
-            list(range(frames))
-        ]
+        expected = (
+            [[(j + k) % frames for k in range(16)] for j in range(0, frames, stride)]
+            if frames > 16
+            else [list(range(frames))]
+        )
         assert context_windows(frames, 16, 4, "uniform") == expected, frames
 
 

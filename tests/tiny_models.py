@@ -107,7 +107,7 @@ def bytes_to_unicode() -> dict[int, str]:
             printable.append(byte)
             chars.append(256 + extra)
             extra += 1
-    return dict(zip(printable, (chr(c) for c in chars)))
+    return dict(zip(printable, (chr(c) for c in chars), strict=True))
 
 
 def tiny_clip_vocab() -> dict[str, int]:
@@ -230,9 +230,17 @@ def build_tiny_original_tree(root: Path, seed: int = 0) -> Path:
     tokenizer = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
     tokenizer.save_pretrained(sd / "tokenizer")
     text_config = CLIPTextConfig(
-        vocab_size=len(vocab), hidden_size=TEXT_DIM, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=TEXT_DIM,
-        bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"], pad_token_id=vocab["<|endoftext|>"],
+        vocab_size=len(vocab),
+        hidden_size=TEXT_DIM,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        hidden_act="quick_gelu",
+        projection_dim=TEXT_DIM,
+        bos_token_id=vocab["<|startoftext|>"],
+        eos_token_id=vocab["<|endoftext|>"],
+        pad_token_id=vocab["<|endoftext|>"],
     )
     randomize_(CLIPTextModel(text_config), gen).save_pretrained(sd / "text_encoder")
     return root

@@ -12,6 +12,7 @@ Two pieces of the release are not plain diffusers folders:
 Pickles are read with ``weights_only=True``: no code in a checkpoint is ever executed.
 """
 
+import zipfile
 from pathlib import Path
 
 import safetensors.torch
@@ -64,7 +65,8 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         if path.suffix == ".safetensors":
             state = safetensors.torch.load_file(path)
         else:
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            # mmap avoids a second copy of a 5 GB file; only zip-format pickles (torch >= 1.6) support it.
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except Exception as err:  # noqa: BLE001 - any failure here means the file is unusable
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise CheckpointError(f"cannot read checkpoint {path}: {reason}") from err

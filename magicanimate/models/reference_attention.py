@@ -110,11 +110,16 @@ class ReferenceAttentionControl:
         if missing:
             raise ValueError(f"appearance encoder lacks fused layers {sorted(missing)}")
         self.fusion_blocks = fusion_blocks
+        self.appearance_encoder, self.unet = appearance_encoder, unet
         self.writers = {name: ReferenceWriteProcessor() for name in names}
         self.readers = {name: ReferenceReadProcessor() for name in names}
-        for name in names:
-            appearance_encoder.get_submodule(name).set_processor(self.writers[name])
-            unet.get_submodule(name).set_processor(self.readers[name])
+        self.install()
+
+    def install(self) -> None:
+        """Put this control's processors on the fused layers (again, if something replaced them)."""
+        for name in self.writers:
+            self.appearance_encoder.get_submodule(name).set_processor(self.writers[name])
+            self.unet.get_submodule(name).set_processor(self.readers[name])
 
     def load_reference(self) -> None:
         """Hand the banks the appearance encoder just wrote to the video UNet (its last row: the conditional one)."""

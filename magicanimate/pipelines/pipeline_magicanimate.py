@@ -126,10 +126,11 @@ class MagicAnimatePipeline(DiffusionPipeline):
         controlnet_path = Path(pretrained_controlnet_path or root / "MagicAnimate" / "densepose_controlnet")
         default_motion = root / "MagicAnimate" / "temporal_attention" / "temporal_attention.ckpt"
         motion_path = Path(motion_module or _prefer_safetensors(default_motion))
-        for folder in (sd / "unet", sd / "text_encoder", sd / "tokenizer", vae_path, appearance_path, controlnet_path):
-            if not folder.is_dir():
+        folders = (sd / "unet", sd / "text_encoder", sd / "tokenizer", vae_path, appearance_path, controlnet_path)
+        for piece in (*folders, motion_path):
+            if not (piece.is_file() if piece == motion_path else piece.is_dir()):
                 raise CheckpointError(
-                    f"missing checkpoint folder {folder}; run 'magicanimate download --to {root}' "
+                    f"missing checkpoint {piece}; run 'magicanimate download --to {root}' "
                     "or see pretrained/README.md for the expected layout"
                 )
         try:
@@ -210,7 +211,7 @@ class MagicAnimatePipeline(DiffusionPipeline):
         if latents.shape[2] < num_frames:
             padding = latents[:, :, -1:].expand(-1, -1, num_frames - latents.shape[2], -1, -1)
             latents = torch.cat([latents, padding], dim=2)
-        return latents[:, :, :num_frames]
+        return latents[:, :, :num_frames] * self.scheduler.init_noise_sigma
 
     # ------------------------------------------------------------------------------------------------ denoising
 
@@ -370,7 +371,9 @@ class MagicAnimatePipeline(DiffusionPipeline):
         frames = np.concatenate([frames, np.repeat(frames[-1:], padded_frames - num_frames, axis=0)])
         control = torch.from_numpy(frames)  # stays uint8 on the CPU; each ControlNet chunk moves what it needs
 
-        # 2. Conditioning that does not change over the steps.
+        # 2. Conditioning that does not change over the steps. (Re-installing the reference processors keeps this
+        # pipeline working when another one was built from the same models.)
+        self.reference_control.install()
         text = self.encode_prompt(prompt)
         reference_latents = self.encode_reference(reference)
         work = WindowWork.plan(
