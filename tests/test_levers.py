@@ -27,7 +27,7 @@ def motion64():
     return make_motion(64, TINY_SIZE, seed=7)
 
 
-def test_controlnet_runs_once_per_chunk_and_frees_residuals_after_their_last_window(tiny_pipe, reference_image, motion64):
+def test_controlnet_runs_once_per_chunk_and_frees_residuals(tiny_pipe, reference_image, motion64):
     """ControlNet work per step is one call per 16-frame chunk (no frame encoded twice), and the residuals of a
     chunk are released once no later window needs them: at most the chunks of one window batch (+ the wrap-around
     chunk) are alive, however long the clip."""
