@@ -77,7 +77,9 @@ def offline_tokenizer() -> CLIPTokenizer:
     folder = Path(tempfile.mkdtemp())
     (folder / "vocab.json").write_text(json.dumps(vocab))
     (folder / "merges.txt").write_text("#version: 0.2\n")
-    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), pad_token="<|endoftext|>")
+    return CLIPTokenizer(
+        str(folder / "vocab.json"), str(folder / "merges.txt"), pad_token="<|endoftext|>", model_max_length=77
+    )
 
 
 def refill_zero_layers(model: torch.nn.Module) -> None:
