@@ -214,8 +214,7 @@ def count_flops_meta(frames: int, mode: str, steps: int, reduced: bool) -> dict:
     padded = -(-frames // 16) * 16
     windows = context_windows(padded, 16, 4, MODES[mode]["context_schedule"])
     per_call = MODES[mode]["context_batch_size"]
-    unet_calls = -(-len(windows) // per_call)
-    last = len(windows) - (unet_calls - 1) * per_call
+    call_sizes = [min(per_call, len(windows) - first) for first in range(0, len(windows), per_call)]
 
     def flops(fn):
         with FlopCounterMode(display=False) as counter, torch.no_grad():
@@ -258,15 +257,16 @@ def count_flops_meta(frames: int, mode: str, steps: int, reduced: bool) -> dict:
             )
 
         pipe.encode_appearance(latent, 1, text)
-        first, rest, tail = unet_call(per_call, True), unet_call(per_call, False), unet_call(last, False)
-        work["unet"] = steps * (first + (unet_calls - 2) * rest + tail if unet_calls > 1 else first)
+        first = unet_call(call_sizes[0], True)
+        others = {size: unet_call(size, False) for size in set(call_sizes[1:])}
+        work["unet"] = steps * (first + sum(others[size] for size in call_sizes[1:]))
         work["vae_decode"] = frames * flops(lambda: pipe.vae.decode(torch.empty(1, 4, h, h)))
     return {
         "frames": frames,
         "mode": mode,
         "tflop": sum(work.values()),
         "tflop_by_network": work,
-        "calls": {"unet": steps * unet_calls, "controlnet": steps * (padded // 16), "appearance_encoder": steps},
+        "calls": {"unet": steps * len(call_sizes), "controlnet": steps * (padded // 16), "appearance_encoder": steps},
     }
 
 
