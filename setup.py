@@ -25,7 +25,8 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "test": ["pytest>=8"],
+        # The demo tests: gradio_client for the API, Playwright driving the system Chromium (no browser download).
+        "test": ["pytest>=8", "gradio>=6.31,<7", "gradio_client>=2.7", "playwright>=1.50"],
         # The DensePose TorchScript export calls torchvision ops; torchvision needs a matching torch build.
         "densepose": ["torchvision", "opencv-python-headless"],
         "demo": ["gradio>=6,<7"],

@@ -217,8 +217,9 @@ def is_finished(output: Path) -> bool:
 
 
 RAW_DRIVING = (
-    "{path} looks like a raw video of a person, not a DensePose video; animating it needs DensePose extraction "
-    "(a DensePose model, see the README). If it is a DensePose video, set driving_kind: densepose for this job"
+    "{path} looks like a raw video of a person, not a DensePose video; convert it first with `magicanimate densepose "
+    "{name} -o MOTION.mp4` (needs the DensePose model densepose_r50_fpn_dl.torchscript), or, if it is a DensePose "
+    "video, set driving_kind: densepose for this job"
 )
 
 
@@ -231,7 +232,7 @@ def check_driving(job: Job, max_frames: int | None) -> None:
 
     frames, _ = read_video(job.driving, max_frames=min(8, max_frames or 8))
     if job.driving_kind == "raw" or not looks_like_densepose(frames):
-        raise InputError(RAW_DRIVING.format(path=job.driving))
+        raise InputError(RAW_DRIVING.format(path=job.driving, name=job.driving.name))
 
 
 def run_job(job: Job, pipeline, base: dict, config_file: str | None, on_step: Callable[[int, int], None]) -> None:

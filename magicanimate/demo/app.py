@@ -14,7 +14,7 @@ from omegaconf import DictConfig
 
 from ..config import load_config
 from ..errors import MagicAnimateError
-from .runner import Animator, Cancelled, Extractor, Limits
+from .runner import Animator, Cancelled, Extractor, Limits, densepose_extractor
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 VIDEO_SUFFIXES = (".mp4", ".webm", ".mov", ".gif")
@@ -48,8 +48,9 @@ class _Stops:
         if session in self._events:
             self._events[session].set()
 
-    def finish(self, session: str) -> None:
-        self._events.pop(session, None)
+    def finish(self, session: str, event: threading.Event) -> None:
+        if self._events.get(session) is event:  # a newer run of the same session keeps its own flag
+            del self._events[session]
 
 
 def build_demo(
@@ -113,16 +114,20 @@ def build_demo(
                 grid=bool(grid),
                 preview=bool(densepose_preview),
                 progress=report,
+                warn=gr.Warning,
                 cancel=cancel,
             )
         except Cancelled:
             raise gr.Error("Stopped.") from None
         except MagicAnimateError as err:
             raise gr.Error(str(err)) from None
+        except Exception as err:
+            if type(err).__name__ == "OutOfMemoryError" or isinstance(err, MemoryError):
+                _free_memory()
+                raise gr.Error("Out of memory: try a smaller size or fewer frames.") from None
+            raise
         finally:
-            stops.finish(session)
-        for message in result.warnings:
-            gr.Warning(message)
+            stops.finish(session, cancel)
         extras = {"grid": _path(result.grid), "preview": _path(result.preview)}
         return str(result.animation), extras
 
@@ -137,9 +142,10 @@ def build_demo(
         stops.stop(request.session_hash)
 
     with gr.Blocks(title="MagicAnimate", analytics_enabled=False, delete_cache=(600, 3600)) as demo:
+        driving_hint = "a DensePose video or a video of a person" if extractor else "a DensePose video"
         gr.Markdown(
-            "# MagicAnimate\nAnimate a photo of a person with a motion: upload a reference image and a DensePose "
-            "driving video, then press **Animate**."
+            f"# MagicAnimate\nAnimate a photo of a person with a motion: upload a reference image and {driving_hint}, "
+            "then press **Animate**."
         )
         with gr.Row():
             with gr.Column():
@@ -185,6 +191,14 @@ def build_demo(
     return demo, animator
 
 
+def _free_memory() -> None:
+    """Give the cached GPU memory of a failed run back, so the next (smaller) request can succeed."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def _path(path: Path | None) -> str | None:
     return None if path is None else str(path)
 
@@ -196,14 +210,19 @@ def launch(
     port: int = 7860,
     examples: str | Path | None = None,
     limits: Limits | None = None,
-    extractor: Extractor | None = None,
+    densepose_model: str | Path | None = None,
 ) -> None:
-    """Load the pipeline once, then serve the demo until Ctrl-C (or SIGTERM); scratch files are removed on exit."""
+    """Load the models once, then serve the demo until Ctrl-C (or SIGTERM); scratch files are removed on exit.
+
+    With ``densepose_model`` (a DensePose TorchScript file), videos of people are turned into DensePose first;
+    without it they are refused with a message saying how to get one.
+    """
     from ..api import load_pipeline
 
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     limits = limits or Limits()
     pipeline = load_pipeline(config)
+    extractor = densepose_extractor(densepose_model, device=config.device) if densepose_model else None
     demo, animator = build_demo(pipeline, config, examples=examples, limits=limits, extractor=extractor)
     try:
         demo.queue(max_size=16, default_concurrency_limit=1).launch(

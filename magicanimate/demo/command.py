@@ -1,6 +1,7 @@
 """``magicanimate demo --pretrained DIR [--host 127.0.0.1] [--port 7860] [--examples DIR]``."""
 
 import argparse
+import os
 import signal
 from collections.abc import Callable
 
@@ -20,6 +21,11 @@ def add_parser(commands, add_setting_flags: Callable[[argparse.ArgumentParser], 
     demo.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 serves your network)")
     demo.add_argument("--port", type=int, default=7860, help="port to listen on (default: 7860)")
     demo.add_argument("--examples", default=None, help="folder of examples: NAME.png + NAME.mp4 pairs")
+    demo.add_argument(
+        "--densepose-model",
+        default=os.environ.get("MAGICANIMATE_DENSEPOSE_MODEL") or None,
+        help="DensePose TorchScript file: accept videos of people too (default: $MAGICANIMATE_DENSEPOSE_MODEL)",
+    )
     demo.add_argument("--max-upload-mb", type=int, default=100, help="largest upload per file (default: 100)")
     demo.add_argument("--config", default=None, help="YAML file of settings (checkpoints, device, UI defaults)")
     demo.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -43,5 +49,12 @@ def demo_command(args) -> int:
         raise InputError("--max-upload-mb and --max-frames must be at least 1")
     signal.signal(signal.SIGTERM, _interrupt)
     limits = Limits(max_upload_mb=args.max_upload_mb, max_frames=config.max_frames or Limits.max_frames)
-    launch(config, host=args.host, port=args.port, examples=args.examples, limits=limits)
+    launch(
+        config,
+        host=args.host,
+        port=args.port,
+        examples=args.examples,
+        limits=limits,
+        densepose_model=args.densepose_model,
+    )
     return 0

@@ -23,14 +23,15 @@ from ..io.video import has_audio
 
 # progress(description, done, total), counted in denoising steps: reading is 0 of them, writing all of them.
 Progress = Callable[[str, int, int], None]
-# A DensePose extractor: raw RGB frames (F, H, W, 3) uint8 -> DensePose frames of the same shape.
-Extractor = Callable[[np.ndarray], np.ndarray]
+# DensePose extraction: (raw video, output size, max frames) -> (DensePose frames (F, size, size, 3) uint8, fps).
+Extractor = Callable[[Path, int, int], tuple[np.ndarray, float]]
 
 RAW_VIDEO_MESSAGE = (
     "This looks like an ordinary video of a person, not a DensePose video. Turning it into DensePose needs a "
-    "DensePose model, and this demo was started without one (see the README's DensePose section). Upload a DensePose "
-    "video instead (body parts in viridis colours on a purple background, like MagicAnimate's samples), or, if this "
-    "already is one, set 'Driving video is' to 'DensePose'."
+    "DensePose model, and this demo was started without one (restart it with --densepose-model "
+    "densepose_r50_fpn_dl.torchscript, from huggingface.co/LayerNorm/DensePose-TorchScript-with-hint-image). "
+    "Or upload a DensePose video (body parts in viridis colours on a purple background, like MagicAnimate's "
+    "samples); if this already is one, set 'Driving video is' to 'DensePose'."
 )
 
 
@@ -73,6 +74,8 @@ def read_driving(path: str | Path, size: int, max_frames: int) -> tuple[np.ndarr
             raise InputError("The driving video has no video track.")
         stream = container.streams.video[0]
         fps = float(stream.average_rate or stream.guessed_rate or 25.0)
+        if not stream.codec_context.height or not stream.codec_context.width:
+            raise InputError("The driving video has no picture size; it is damaged or not a video.")
         height, width = output_size(stream.codec_context.height, stream.codec_context.width, size)
         frames, cut = [], False
         try:
@@ -86,6 +89,18 @@ def read_driving(path: str | Path, size: int, max_frames: int) -> tuple[np.ndarr
     if not frames:
         raise InputError("No frame of the driving video could be decoded; the file is empty or damaged.")
     return np.stack(frames), fps, cut
+
+
+def densepose_extractor(model: str | Path, device: str = "auto") -> Extractor:
+    """Load the DensePose model now (once, like the other models); the result extracts one video per call."""
+    from ..densepose import extract_motion, load_extractor
+
+    loaded = load_extractor(model, device=device)
+
+    def extract(video: Path, size: int, max_frames: int) -> tuple[np.ndarray, float]:
+        return extract_motion(video, model=loaded, size=size, max_frames=max_frames, progress=False)
+
+    return extract
 
 
 class Animator:
@@ -113,9 +128,14 @@ class Animator:
         grid: bool = False,
         preview: bool = False,
         progress: Progress | None = None,
+        warn: Callable[[str], None] | None = None,
         cancel: threading.Event | None = None,
     ) -> RunResult:
-        """Animate ``reference`` with the uploaded ``driving`` video; ``settings`` are keys of animation.yaml."""
+        """Animate ``reference`` with the uploaded ``driving`` video; ``settings`` are keys of animation.yaml.
+
+        ``warn`` is told at once about things the user should know but that do not stop the run (a clip cut to the
+        frame limit); the same messages end up in ``RunResult.warnings``.
+        """
         progress = progress or (lambda desc, done, total: None)
         if reference is None:
             raise InputError("Upload a reference image of the person to animate.")
@@ -133,11 +153,11 @@ class Animator:
                 f"The driving video is longer than this demo's limit of {limit} frames ({limit / fps:.1f} s): "
                 f"only the first {limit} are animated. Use `magicanimate animate` for longer clips."
             )
-        if driving_kind == "raw" or (driving_kind == "auto" and not looks_like_densepose(frames)):
-            if self.extractor is None:
-                raise InputError(RAW_VIDEO_MESSAGE)
-            progress("extracting DensePose", 0, total)
-            frames = self.extractor(frames)
+            if warn is not None:
+                warn(result_warnings[-1])
+        raw = driving_kind == "raw" or (driving_kind == "auto" and not looks_like_densepose(frames))
+        if raw and self.extractor is None:
+            raise InputError(RAW_VIDEO_MESSAGE)
 
         def on_step(step: int, total: int) -> None:
             if cancel is not None and cancel.is_set():
@@ -147,7 +167,10 @@ class Animator:
         if isinstance(reference, np.ndarray):
             reference = Image.fromarray(reference)
         reference = reference.convert("RGB")
-        with self._lock:
+        with self._lock:  # the models (the DensePose one too) serve one request at a time
+            if raw:
+                progress("extracting DensePose", 0, total)
+                frames, fps = self.extractor(Path(driving), int(settings["size"]), wanted)
             video = animate(reference, frames, pipeline=self.pipeline, progress=on_step, fps=fps, **settings)
         video.audio = Path(driving) if has_audio(driving) else None
         progress("writing video", total, total)
