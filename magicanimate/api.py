@@ -137,8 +137,20 @@ def load_pipeline(config: DictConfig | str | Path | None = None, **settings):
     device, dtype = resolve_device(config)
     pipe = MagicAnimatePipeline.from_pretrained(
         root, **pieces, motion_only=config.motion_only, fusion_blocks=config.fusion_blocks, torch_dtype=dtype
-    )
-    return pipe.to(device)
+    ).to(device)
+    return apply_speed_settings(pipe, config)
+
+
+def apply_speed_settings(pipe, config):
+    """The speed switches of ``configs/animation.yaml`` that change how the models run, not what they compute."""
+    import torch
+
+    if config.channels_last:
+        pipe.unet.to(memory_format=torch.channels_last)
+        pipe.controlnet.to(memory_format=torch.channels_last)
+    if config.compile:
+        pipe.unet = torch.compile(pipe.unet)
+    return pipe
 
 
 def grid_frames(reference: np.ndarray, motion: np.ndarray, result: np.ndarray) -> np.ndarray:
@@ -162,6 +174,8 @@ def animate(
     every denoising step. The result keeps the motion's frame count and frame rate (unless ``fps`` is set) and, when
     the motion video has a sound track and the frame rate is kept, its audio (``Video.audio``).
     """
+    from .distributed import is_distributed
+
     config = load_config(config, **settings)
     reference = load_image(reference)
     audio = None
@@ -196,7 +210,9 @@ def animate(
         context_batch_size=config.context_batch_size,
         controlnet_conditioning_scale=config.controlnet_conditioning_scale,
         eta=config.eta,
+        decode_chunk_size=config.decode_chunk_size,
         callback_on_step_end=on_step,
+        distributed=is_distributed(),
     ).frames
     frames = (result * 255).round().astype(np.uint8)
     if config.grid:

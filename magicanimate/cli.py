@@ -6,6 +6,7 @@ Every setting of ``configs/animation.yaml`` is a flag of ``animate`` under the s
 """
 
 import argparse
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -56,14 +57,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def animate_command(args) -> Path:
+def animate_command(args) -> Path | None:
+    """Animate and write the video (rank 0 writes it when launched with torchrun)."""
     from .api import animate, check_output_path
 
     check_output_path(args.output)
     settings = {k: v for k, v in vars(args).items() if k in default_config() and v is not None}
     config = load_config(args.config, **settings)
+    rank = 0
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # under torchrun: one clip split across the ranks
+        from .distributed import init_from_env, rank_and_world
+
+        settings["device"] = str(init_from_env())
+        rank = rank_and_world()[0]
     video = animate(args.reference, args.motion, config=args.config, **settings)
-    return video.save(args.output, crf=config.crf)
+    return video.save(args.output, crf=config.crf) if rank == 0 else None
 
 
 def download_command(args) -> Path:
@@ -76,7 +84,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "animate":
-            print(f"wrote {animate_command(args)}")
+            output = animate_command(args)
+            if output is not None:
+                print(f"wrote {output}")
         elif args.command == "download":
             print(f"weights are in {download_command(args)}")
         else:

@@ -115,3 +115,53 @@ def test_a_dead_rank_makes_the_other_fail_not_hang(tmp_path):
     assert exit_codes[1] == 17
     assert exit_codes[0] != 0
     assert not (tmp_path / "rank0.npy").exists()
+
+
+def test_torchrun_cli_writes_the_single_process_video(tmp_path):
+    """``torchrun --nproc_per_node=2 -m magicanimate animate`` (rank 0 writes) equals the plain command."""
+    import subprocess
+    import sys
+
+    import av
+
+    def decoded(path):
+        with av.open(str(path)) as container:
+            return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+
+    common = [
+        "animate",
+        "--reference",
+        str(FIXTURE / "inputs" / "reference.png"),
+        "--motion",
+        str(FIXTURE / "inputs" / "motion.mp4"),
+        "--pretrained",
+        str(FIXTURE / "pretrained"),
+        "--steps",
+        "1",
+        "--size",
+        "64",
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    plain = subprocess.run(
+        [sys.executable, "-m", "magicanimate", *common, "-o", str(tmp_path / "plain.mp4")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert plain.returncode == 0, plain.stderr
+    launcher = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "magicanimate",
+    ]
+    split = subprocess.run(
+        [*launcher, *common, "-o", str(tmp_path / "split.mp4")], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert split.returncode == 0, split.stderr
+    assert split.stdout.count("wrote") == 1  # only rank 0 writes
+    np.testing.assert_array_equal(decoded(tmp_path / "plain.mp4"), decoded(tmp_path / "split.mp4"))
