@@ -22,7 +22,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from ..distributed import all_reduce_sum, gather_frames, rank_and_world, share
-from ..errors import CheckpointError, InputError
+from ..errors import CheckpointError, InputError, ResourceError
 from ..io import load_image, read_video
 from ..models.original_checkpoints import load_appearance_encoder, load_video_unet
 from ..models.reference_attention import ReferenceAttentionControl
@@ -400,6 +400,11 @@ class MagicAnimatePipeline(DiffusionPipeline):
             self.encode_appearance(reference_latents, t, text)
             noise = self.predict_noise(latents, t, text, control, work, guidance_scale, controlnet_conditioning_scale)
             latents = self.scheduler.step(noise, t, latents, **step_kwargs, return_dict=False)[0]
+            if not bool(torch.isfinite(latents).all()):
+                raise ResourceError(
+                    f"the latents became NaN/inf at denoising step {i + 1} of {len(self.scheduler.timesteps)}; "
+                    "float16 overflow is the usual cause: try --dtype bfloat16 or --dtype float32"
+                )
             if callback_on_step_end is not None:
                 latents = (callback_on_step_end(self, i, t, {"latents": latents}) or {}).get("latents", latents)
         self.reference_control.clear()
