@@ -13,6 +13,7 @@ from pathlib import Path
 
 from . import batch, demo
 from .config import default_config, load_config
+from .densepose import command as densepose
 from .errors import MagicAnimateError, ResourceError
 
 # Types of the settings whose default is null, so argparse can parse them.
@@ -42,17 +43,30 @@ def build_parser() -> argparse.ArgumentParser:
 
     animate = commands.add_parser("animate", help="animate a reference photo with a DensePose motion video")
     animate.add_argument("--reference", required=True, help="reference photo of the person")
-    animate.add_argument("--motion", required=True, help="DensePose video (viridis part map, as MagicAnimate uses)")
+    source = animate.add_mutually_exclusive_group(required=True)
+    source.add_argument("--motion", help="DensePose video (viridis part map, as MagicAnimate uses)")
+    source.add_argument("--driving", help="raw video of a person; its DensePose is extracted first (as `densepose`)")
+    animate.add_argument(
+        "--densepose-model",
+        default=None,
+        help="DensePose TorchScript file for --driving (default: $MAGICANIMATE_DENSEPOSE_MODEL, else the hub file)",
+    )
+    animate.add_argument(
+        "--align-to-reference",
+        action="store_true",
+        help="with --driving: scale and centre the motion onto the person in --reference",
+    )
     animate.add_argument("-o", "--output", required=True, help="output video (.mp4, or .gif)")
     animate.add_argument("--pretrained", default=None, help="root of the weights tree (see pretrained/README.md)")
     animate.add_argument("--config", default=None, help="YAML file of settings (keys as in configs/animation.yaml)")
     animate.add_argument("--debug", action="store_true", help="show tracebacks")
     _add_setting_flags(animate)
 
+    densepose.add_parser(commands)
     download = commands.add_parser("download", help="fetch SD 1.5, sd-vae-ft-mse and MagicAnimate weights")
     download.add_argument("--to", default=None, help="target folder (default: $MAGICANIMATE_PRETRAINED or ~/.cache)")
     download.add_argument("--debug", action="store_true", help="show tracebacks")
-    batch.add_parser(commands, _add_setting_flags)  # `batch` and `demo` run through their `args.run`
+    batch.add_parser(commands, _add_setting_flags)  # `batch`, `demo`, `densepose` run through `args.run`
     demo.add_parser(commands, _add_setting_flags)
     return parser
 
@@ -70,7 +84,20 @@ def animate_command(args) -> Path | None:
 
         settings["device"] = str(init_from_env())
         rank = rank_and_world()[0]
-    video = animate(args.reference, args.motion, config=args.config, **settings)
+    motion = args.motion
+    if args.driving:
+        from .densepose import extract_motion
+
+        motion, _ = extract_motion(
+            args.driving,
+            model=args.densepose_model,
+            size=config.size,
+            fps=25.0,  # the checkpoints' rate; animate() takes array motion as 25 fps (--fps still sets the output)
+            align_to=args.reference if args.align_to_reference else None,
+            max_frames=config.max_frames,
+            device=config.device,
+        )
+    video = animate(args.reference, motion, config=args.config, **settings)
     return video.save(args.output, crf=config.crf) if rank == 0 else None
 
 

@@ -15,6 +15,7 @@ Both turn each detection's chart output into labels the way detectron2's ``Dense
 
 import os
 import sys
+import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Protocol
@@ -155,7 +156,9 @@ def load_torchscript(path: Path, device: str):
     except Exception:  # noqa: BLE001 - absent or built for another torch: only the real export needs it
         pass
     try:
-        model = torch.jit.load(str(path), map_location=device)
+        with warnings.catch_warnings():  # torch 2.13 deprecates TorchScript; the published export is TorchScript
+            warnings.simplefilter("ignore", DeprecationWarning)
+            model = torch.jit.load(str(path), map_location=device)
     except (RuntimeError, ValueError, OSError) as err:
         if "torchvision" in str(err):
             raise CheckpointError(
@@ -176,8 +179,15 @@ class Detectron2Extractor:
     (shortest-edge resize, the config's channel order).
     """
 
-    def __init__(self, config_file, weights, device: str = "auto", score_threshold: float = 0.8,
-                 label_cap: int | None = None, batch_size: int = 4):  # fmt: skip
+    def __init__(
+        self,
+        config_file,
+        weights,
+        device: str = "auto",
+        score_threshold: float = 0.8,
+        label_cap: int | None = None,
+        batch_size: int = 4,
+    ):
         try:
             import detectron2.data.transforms as T
             from densepose import add_densepose_config

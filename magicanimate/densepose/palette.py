@@ -31,14 +31,15 @@ def nearest_labels(frame: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
     The distance is Euclidean in RGB units. Reading a DensePose video back into part labels is this function.
     """
-    pixels = np.asarray(frame, dtype=np.float32).reshape(-1, 3)
-    lut = LUT.astype(np.float32)
-    # |p - c|^2 = |p|^2 - 2 p.c + |c|^2, as one matmul instead of a (pixels, 25, 3) difference tensor.
-    squared = (pixels * pixels).sum(1, keepdims=True) - 2 * pixels @ lut.T + (lut * lut).sum(1)
-    labels = squared.argmin(1)
-    distance = np.sqrt(np.maximum(np.take_along_axis(squared, labels[:, None], 1)[:, 0], 0))
-    shape = np.shape(frame)[:2]
-    return labels.astype(np.uint8).reshape(shape), distance.reshape(shape)
+    frame = np.asarray(frame)
+    r, g, b = (frame[..., c].astype(np.int32) for c in range(3))
+    best = np.full(frame.shape[:2], np.iinfo(np.int32).max, np.int32)
+    labels = np.zeros(frame.shape[:2], np.uint8)
+    for label, (cr, cg, cb) in enumerate(LUT.astype(np.int32)):  # 25 passes over three planes: no (H, W, 25) array
+        squared = (r - cr) ** 2 + (g - cg) ** 2 + (b - cb) ** 2
+        closer = squared < best
+        best[closer], labels[closer] = squared[closer], label
+    return labels, np.sqrt(best)
 
 
 def palette_share(frame: np.ndarray, tolerance: float = DEFAULT_TOLERANCE, stride: int = 1) -> float:
