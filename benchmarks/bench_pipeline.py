@@ -303,7 +303,7 @@ def main():
                 timed_run(pipe, n, args.mode, args.steps, args.device, args.flops and i == 0)
                 for i in range(args.repeats)
             ]
-            row = {**runs[0], "wall_s": statistics.median(r["wall_s"] for r in runs)}
+            row = {**runs[0], **{k: statistics.median(r[k] for r in runs) for k in ("wall_s", "denoise_s", "decode_s")}}
             row.update(s_per_frame=row["wall_s"] / n, runs_s=[round(r["wall_s"], 3) for r in runs])
             row["tflop_per_s"] = row["tflop"] / row["wall_s"] if row["tflop"] else None
             rows.append(row)
