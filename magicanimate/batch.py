@@ -43,6 +43,8 @@ LOAD_KEYS = (
     "fusion_blocks",
     "device",
     "dtype",
+    "channels_last",
+    "compile",
 )
 
 
