@@ -1,4 +1,5 @@
-"""The ``magicanimate`` command: ``animate`` a photo with a DensePose video, ``batch`` many, ``demo``, ``download``.
+"""The ``magicanimate`` command: ``animate`` a photo with a DensePose video, ``batch`` many, ``demo``, ``download``,
+``convert``.
 
 Every setting of ``configs/animation.yaml`` is a flag of ``animate`` under the same name (``context_overlap`` is
 ``--context-overlap``). Problems the user can fix print one ``error: ...`` line and exit non-zero (2 input,
@@ -9,9 +10,10 @@ import argparse
 import os
 import sys
 import traceback
+import warnings
 from pathlib import Path
 
-from . import batch, demo
+from . import batch, convert, demo
 from .config import default_config, load_config
 from .densepose import command as densepose
 from .errors import MagicAnimateError, ResourceError
@@ -57,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --driving: scale and centre the motion onto the person in --reference",
     )
     animate.add_argument("-o", "--output", required=True, help="output video (.mp4, or .gif)")
+    animate.add_argument("--overwrite", action="store_true", help="replace the output if it exists")
     animate.add_argument("--pretrained", default=None, help="root of the weights tree (see pretrained/README.md)")
     animate.add_argument("--config", default=None, help="YAML file of settings (keys as in configs/animation.yaml)")
     animate.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -68,16 +71,19 @@ def build_parser() -> argparse.ArgumentParser:
     download.add_argument("--debug", action="store_true", help="show tracebacks")
     batch.add_parser(commands, _add_setting_flags)  # `batch`, `demo`, `densepose` run through `args.run`
     demo.add_parser(commands, _add_setting_flags)
+    convert.add_parser(commands)
     return parser
 
 
 def animate_command(args) -> Path | None:
     """Animate and write the video (rank 0 writes it when launched with torchrun)."""
-    from .api import animate, check_output_path
+    from .api import animate, check_output_path, check_overwrite, check_settings
 
     check_output_path(args.output)
+    check_overwrite(args.output, args.overwrite)
     settings = {k: v for k, v in vars(args).items() if k in default_config() and v is not None}
     config = load_config(args.config, **settings)
+    check_settings(config)
     rank = 0
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # under torchrun: one clip split across the ranks
         from .distributed import init_from_env, rank_and_world
@@ -107,8 +113,14 @@ def download_command(args) -> Path:
     return download_weights(args.to)
 
 
+def _format_warning(message, category, filename, lineno, line=None) -> str:
+    return f"warning: {message}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if not args.debug:
+        warnings.formatwarning = _format_warning  # one readable line per warning, not the source location
     try:
         if args.command == "animate":
             output = animate_command(args)
@@ -138,9 +150,21 @@ def _as_user_error(err: Exception) -> MagicAnimateError | None:
     """The user-facing form of ``err``, or None for a bug (which keeps its traceback)."""
     if isinstance(err, MagicAnimateError):
         return err
-    if type(err).__name__ == "OutOfMemoryError" or isinstance(err, MemoryError):
-        return ResourceError("out of memory; try a smaller --size, fewer frames (--max-frames) or --dtype float16")
+    if type(err).__name__ == "OutOfMemoryError" or isinstance(err, MemoryError) or _is_oom(err):
+        return ResourceError(OUT_OF_MEMORY)
     return None
+
+
+OUT_OF_MEMORY = (
+    "out of memory; to use less: --dtype float16 (on a GPU), --context-batch-size 1, --decode-chunk-size 4, "
+    "a smaller --size (e.g. 384), fewer frames with --max-frames, or close other programs using the GPU"
+)
+
+
+def _is_oom(err: Exception) -> bool:
+    """A RuntimeError that is an allocation failure (older torch, MPS, cuDNN) rather than a bug."""
+    text = str(err).lower()
+    return isinstance(err, RuntimeError) and ("out of memory" in text or "failed to allocate memory" in text)
 
 
 if __name__ == "__main__":

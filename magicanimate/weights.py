@@ -79,6 +79,12 @@ _REQUIRED: tuple[tuple[str, tuple[tuple[str, ...], ...]], ...] = (
     ("MagicAnimate/temporal_attention", (("temporal_attention.ckpt",),)),
 )
 
+# The layout in one line, for error messages (``.format(root=...)``).
+EXPECTED_TREE = (
+    "expected {root}/{{stable-diffusion-v1-5/{{unet,text_encoder,tokenizer}},sd-vae-ft-mse,"
+    "MagicAnimate/{{appearance_encoder,densepose_controlnet,temporal_attention/temporal_attention.ckpt}}}} "
+    "or a folder written by `magicanimate convert`"
+)
 _HOWTO = "run 'magicanimate download --to {d}' while online, or copy the files into {d} following pretrained/README.md"
 
 

@@ -11,7 +11,6 @@ from PIL import Image
 from magicanimate.errors import InputError
 from magicanimate.io import VideoWriter, load_image, probe_fps, read_video, write_gif, write_png_frames, write_video
 
-
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 FIXTURE_INPUTS = SHARED / "fixtures" / "reference-parity" / "inputs"
 SAMPLE_VIDEO = SHARED / "samples" / "densepose" / "running.mp4"

@@ -11,39 +11,83 @@ from huggingface_hub import constants as hub_constants
 from magicanimate import weights
 from magicanimate.errors import CheckpointError, ResourceError
 from magicanimate.weights import (
-    HUB_SOURCES, default_pretrained_dir, download_weights, ensure_weights, missing_weights, select_files,
+    HUB_SOURCES,
+    default_pretrained_dir,
+    download_weights,
+    ensure_weights,
+    missing_weights,
+    select_files,
 )
 
 FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "reference-parity" / "pretrained"
 
 SD15_FILES = [
-    ".gitattributes", "README.md", "model_index.json", "v1-5-pruned-emaonly.safetensors", "v1-5-pruned.ckpt",
-    "feature_extractor/preprocessor_config.json", "scheduler/scheduler_config.json",
-    "safety_checker/config.json", "safety_checker/model.safetensors", "safety_checker/pytorch_model.bin",
-    "text_encoder/config.json", "text_encoder/model.safetensors", "text_encoder/model.fp16.safetensors",
-    "text_encoder/pytorch_model.bin", "tokenizer/merges.txt", "tokenizer/special_tokens_map.json",
-    "tokenizer/tokenizer_config.json", "tokenizer/vocab.json", "unet/config.json",
-    "unet/diffusion_pytorch_model.safetensors", "unet/diffusion_pytorch_model.bin",
-    "unet/diffusion_pytorch_model.fp16.safetensors", "unet/diffusion_pytorch_model.non_ema.bin",
-    "unet/diffusion_pytorch_model.non_ema.safetensors", "vae/config.json",
-    "vae/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.bin",
+    ".gitattributes",
+    "README.md",
+    "model_index.json",
+    "v1-5-pruned-emaonly.safetensors",
+    "v1-5-pruned.ckpt",
+    "feature_extractor/preprocessor_config.json",
+    "scheduler/scheduler_config.json",
+    "safety_checker/config.json",
+    "safety_checker/model.safetensors",
+    "safety_checker/pytorch_model.bin",
+    "text_encoder/config.json",
+    "text_encoder/model.safetensors",
+    "text_encoder/model.fp16.safetensors",
+    "text_encoder/pytorch_model.bin",
+    "tokenizer/merges.txt",
+    "tokenizer/special_tokens_map.json",
+    "tokenizer/tokenizer_config.json",
+    "tokenizer/vocab.json",
+    "unet/config.json",
+    "unet/diffusion_pytorch_model.safetensors",
+    "unet/diffusion_pytorch_model.bin",
+    "unet/diffusion_pytorch_model.fp16.safetensors",
+    "unet/diffusion_pytorch_model.non_ema.bin",
+    "unet/diffusion_pytorch_model.non_ema.safetensors",
+    "vae/config.json",
+    "vae/diffusion_pytorch_model.safetensors",
+    "vae/diffusion_pytorch_model.bin",
 ]
-VAE_FILES = [".gitattributes", "README.md", "config.json", "diffusion_pytorch_model.bin",
-             "diffusion_pytorch_model.safetensors"]
-MA_FILES = [".gitattributes", "README.md", "appearance_encoder/config.json",
-            "appearance_encoder/diffusion_pytorch_model.safetensors", "densepose_controlnet/config.json",
-            "densepose_controlnet/diffusion_pytorch_model.safetensors", "temporal_attention/temporal_attention.ckpt"]
+VAE_FILES = [
+    ".gitattributes",
+    "README.md",
+    "config.json",
+    "diffusion_pytorch_model.bin",
+    "diffusion_pytorch_model.safetensors",
+]
+MA_FILES = [
+    ".gitattributes",
+    "README.md",
+    "appearance_encoder/config.json",
+    "appearance_encoder/diffusion_pytorch_model.safetensors",
+    "densepose_controlnet/config.json",
+    "densepose_controlnet/diffusion_pytorch_model.safetensors",
+    "temporal_attention/temporal_attention.ckpt",
+]
 
-ALL_PIECES = ["stable-diffusion-v1-5/unet", "stable-diffusion-v1-5/text_encoder", "stable-diffusion-v1-5/tokenizer",
-              "sd-vae-ft-mse", "MagicAnimate/appearance_encoder", "MagicAnimate/densepose_controlnet",
-              "MagicAnimate/temporal_attention"]
+ALL_PIECES = [
+    "stable-diffusion-v1-5/unet",
+    "stable-diffusion-v1-5/text_encoder",
+    "stable-diffusion-v1-5/tokenizer",
+    "sd-vae-ft-mse",
+    "MagicAnimate/appearance_encoder",
+    "MagicAnimate/densepose_controlnet",
+    "MagicAnimate/temporal_attention",
+]
 
 
 def test_select_files_sd15_takes_only_safetensors_unet_text_encoder_and_tokenizer():
     assert sorted(select_files("stable-diffusion-v1-5", SD15_FILES)) == [
-        "text_encoder/config.json", "text_encoder/model.safetensors",
-        "tokenizer/merges.txt", "tokenizer/special_tokens_map.json", "tokenizer/tokenizer_config.json",
-        "tokenizer/vocab.json", "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
+        "text_encoder/config.json",
+        "text_encoder/model.safetensors",
+        "tokenizer/merges.txt",
+        "tokenizer/special_tokens_map.json",
+        "tokenizer/tokenizer_config.json",
+        "tokenizer/vocab.json",
+        "unet/config.json",
+        "unet/diffusion_pytorch_model.safetensors",
     ]
 
 
@@ -58,7 +102,10 @@ def test_select_files_accepts_repo_ids_and_rejects_unknown():
     with pytest.raises(KeyError):
         select_files("runwayml/stable-diffusion-v1-5", SD15_FILES)
     assert {s.repo_id for s in HUB_SOURCES.values()} == {
-        "stable-diffusion-v1-5/stable-diffusion-v1-5", "stabilityai/sd-vae-ft-mse", "zcxu-eric/MagicAnimate"}
+        "stable-diffusion-v1-5/stable-diffusion-v1-5",
+        "stabilityai/sd-vae-ft-mse",
+        "zcxu-eric/MagicAnimate",
+    }
 
 
 def test_default_pretrained_dir(monkeypatch, tmp_path):
@@ -75,7 +122,8 @@ def test_missing_weights_empty_and_partial(tmp_path):
     unet.mkdir(parents=True)
     (unet / "config.json").write_text("{}")
     assert missing_weights(tmp_path)[0] == (
-        "stable-diffusion-v1-5/unet/diffusion_pytorch_model.safetensors|diffusion_pytorch_model.bin")
+        "stable-diffusion-v1-5/unet/diffusion_pytorch_model.safetensors|diffusion_pytorch_model.bin"
+    )
     (unet / "diffusion_pytorch_model.bin").write_bytes(b"x")  # .bin alone satisfies the piece
     assert missing_weights(tmp_path) == ALL_PIECES[1:]
 

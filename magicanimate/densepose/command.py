@@ -81,6 +81,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     parser.add_argument("input", help="video of a person (mp4, mov, webm, ...)")
     parser.add_argument("-o", "--output", required=True, help="DensePose video to write (.mp4)")
+    parser.add_argument("--overwrite", action="store_true", help="replace the output if it exists")
     _add_arguments(parser)
     parser.add_argument("--crf", type=int, default=18, help="H.264 quality, lower = better (default: 18)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
@@ -120,6 +121,14 @@ def run(args) -> Path:
         raise InputError(f"the DensePose video must be written as .mp4 (H.264), got {output.name}")
     if output.resolve() == Path(args.input).resolve():
         raise InputError("the output would overwrite the input video; choose another -o path")
+    from ..io import probe_fps
+    from .extractor import resolve_model_path
+
+    probe_fps(args.input)  # a missing or unreadable input, then a missing model, are the first things to fix
+    if args.detectron2_config is None:
+        resolve_model_path(args.model)
+    if output.exists() and not getattr(args, "overwrite", False):
+        raise InputError(f"{output} already exists; pass --overwrite to replace it, or choose another output")
     path, plan = write_motion(args.input, output, crf=args.crf, progress=args.progress, **extraction_options(args))
     stats = plan.stats
     print(

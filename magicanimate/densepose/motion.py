@@ -7,17 +7,15 @@ frame rate, framed, smoothed over time and coloured.
 """
 
 import math
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import av
 import numpy as np
 
 from ..errors import InputError
 from ..io import VideoWriter
-from ..io.video import _open_input, _stream_fps
+from ..io.video import _open_input, _stream_fps, iter_frames
 from . import align
 from .extractor import Extractor, load_extractor
 from .framing import PERSON_MODES, crop_windows, frame_labels, select_persons, window_boxes
@@ -27,28 +25,6 @@ from .resample import resample_indices
 from .smoothing import FlipCounter, hold_last, majority_filter
 
 DEFAULT_SMOOTH = 3  # frames of the per-pixel majority: removes one-frame flips, keeps fast limbs
-
-
-def iter_frames(path, max_frames: int | None = None) -> Iterator[np.ndarray]:
-    """Decode RGB uint8 frames one at a time, upright (the rotation phones store as metadata is applied).
-
-    Like :func:`magicanimate.io.read_video`, a damaged tail ends the clip instead of failing it.
-    """
-    container, stream = _open_input(path)
-    with container:
-        count = 0
-        try:
-            for frame in container.decode(stream):
-                if max_frames is not None and count >= max_frames:
-                    break
-                image = frame.to_ndarray(format="rgb24")
-                turns = round((frame.rotation or 0) / 90) % 4  # counter-clockwise quarter turns for display
-                yield np.ascontiguousarray(np.rot90(image, turns)) if turns else image
-                count += 1
-        except (av.FFmpegError, OSError, ValueError):
-            pass
-    if count == 0:
-        raise InputError(f"no frame could be decoded from {os.fspath(path)}; the file is empty or corrupted")
 
 
 def _probe(path) -> tuple[float, int | None]:

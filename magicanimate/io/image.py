@@ -13,6 +13,8 @@ from PIL import Image, ImageOps
 from ..errors import InputError
 
 ImageInput = str | os.PathLike | Image.Image | np.ndarray
+MAX_SIDE = 4096  # longer sides are downscaled on load: the models work at 512, and a 50 MP photo only costs memory
+MIN_SIDE = 8  # the VAE's factor: a smaller reference has no latent pixel (see ``min_side``)
 
 
 def _from_array(array: np.ndarray) -> Image.Image:
@@ -45,14 +47,16 @@ def _to_rgb(image: Image.Image, name: str) -> Image.Image:
     return image.convert("RGB")
 
 
-def load_image(source: ImageInput) -> Image.Image:
+def load_image(source: ImageInput, min_side: int = 1) -> Image.Image:
     """Load a path, PIL image or uint8 numpy array as an upright 8-bit RGB PIL image.
 
     EXIF orientation is applied (phones store portraits sideways), transparent pixels are composited over white
-    (with a warning), and grayscale, palette, CMYK and 16-bit images are converted to 8-bit RGB.
+    (with a warning), and grayscale, palette, CMYK and 16-bit images are converted to 8-bit RGB. An image whose
+    longer side exceeds :data:`MAX_SIDE` is downscaled (with a warning); one with a side under `min_side` pixels
+    is refused (references need :data:`MIN_SIDE`).
 
     Raises:
-        InputError: the file is missing, is not a readable image, or the image has no pixels.
+        InputError: the file is missing, is not a readable image, or the image is empty or smaller than `min_side`.
     """
     if isinstance(source, np.ndarray):
         name, image = "image array", _from_array(source)
@@ -67,6 +71,8 @@ def load_image(source: ImageInput) -> Image.Image:
                 opened.load()
                 # exif_transpose returns a detached copy, so the file can be closed right away.
                 image = ImageOps.exif_transpose(opened)
+        except Image.DecompressionBombError:
+            raise InputError(f"{name} is too large to decode safely; pass an image under 100 megapixels") from None
         except (OSError, SyntaxError, ValueError):  # UnidentifiedImageError is an OSError
             message = f"cannot read image {name}: not an image or corrupted; pass a PNG, JPEG or WebP file"
             raise InputError(message) from None
@@ -75,6 +81,20 @@ def load_image(source: ImageInput) -> Image.Image:
 
     if image.width == 0 or image.height == 0:
         raise InputError(f"{name} has zero size ({image.width}x{image.height}); pass a non-empty image")
+    if min(image.size) < min_side:
+        raise InputError(
+            f"{name} is too small ({image.width}x{image.height}); pass an image at least {min_side} pixels on each "
+            "side (512 or more works best)"
+        )
     if not isinstance(source, (str, os.PathLike)):
         image = ImageOps.exif_transpose(image)  # a copy: the caller's image is never modified
-    return _to_rgb(image, name)
+    image = _to_rgb(image, name)
+    if max(image.size) > MAX_SIDE:
+        scale = MAX_SIDE / max(image.size)
+        size = (max(MIN_SIDE, round(image.width * scale)), max(MIN_SIDE, round(image.height * scale)))
+        warnings.warn(
+            f"{name} is {image.width}x{image.height}; downscaling it to {size[0]}x{size[1]} (longer side {MAX_SIDE})",
+            stacklevel=2,
+        )
+        image = image.resize(size, Image.LANCZOS)
+    return image

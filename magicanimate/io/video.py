@@ -6,7 +6,7 @@ always uint8 RGB arrays of shape ``(H, W, 3)``; a clip is an array of shape ``(F
 
 import os
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from fractions import Fraction
 from pathlib import Path
 
@@ -35,6 +35,7 @@ def _open_input(path: PathLike):
 
 
 def _stream_fps(stream) -> float:
+    """The average frame rate (frames / duration), so variable-frame-rate clips keep their length."""
     rate = stream.average_rate or stream.guessed_rate
     return float(rate) if rate else DEFAULT_FPS
 
@@ -55,30 +56,51 @@ def probe_fps(path: PathLike) -> float:
         return _stream_fps(stream)
 
 
-def read_video(path: PathLike, max_frames: int | None = None) -> tuple[np.ndarray, float]:
-    """Decode the first video stream of `path` into a uint8 RGB array `(F, H, W, 3)` and its frame rate.
+def upright(frame) -> np.ndarray:
+    """A decoded ``av.VideoFrame`` as an RGB uint8 array, upright: the rotation phones store as display-matrix
+    metadata (portrait clips are usually encoded sideways) is applied."""
+    image = frame.to_ndarray(format="rgb24")
+    turns = round((getattr(frame, "rotation", 0) or 0) / 90) % 4  # counter-clockwise quarter turns for display
+    return np.ascontiguousarray(np.rot90(image, turns)) if turns else image
 
-    At most `max_frames` frames are decoded when it is given. A damaged file (for example a truncated download)
-    returns the frames that could be decoded, since a partial motion sequence is still usable; only a file with no
-    decodable frame at all raises.
+
+def iter_frames(path: PathLike, max_frames: int | None = None) -> Iterator[np.ndarray]:
+    """Decode RGB uint8 frames `(H, W, 3)` one at a time, upright (see :func:`upright`).
+
+    A damaged tail (for example a truncated download) ends the clip instead of failing it, since a partial motion
+    sequence is still usable; only a file with no decodable frame at all raises.
 
     Raises:
         InputError: the file is missing, is not a video, has no video stream, or has no decodable frame.
     """
     container, stream = _open_input(path)
-    frames = []
+    count = 0
     with container:
-        fps = _stream_fps(stream)
         try:
             for frame in container.decode(stream):
-                if max_frames is not None and len(frames) >= max_frames:
+                if max_frames is not None and count >= max_frames:
                     break
-                frames.append(frame.to_ndarray(format="rgb24"))
+                yield upright(frame)
+                count += 1
         except (av.FFmpegError, OSError, ValueError):
             pass  # damaged tail: keep what was decoded
-    if not frames:
+    if count == 0:
         raise InputError(f"no frame could be decoded from {os.fspath(path)}; the file is empty or corrupted")
-    return np.stack(frames), fps
+
+
+def read_video(path: PathLike, max_frames: int | None = None) -> tuple[np.ndarray, float]:
+    """Decode the first video stream of `path` into a uint8 RGB array `(F, H, W, 3)` and its frame rate.
+
+    At most `max_frames` frames are decoded when it is given; frames are upright and a damaged tail is dropped (see
+    :func:`iter_frames`). Every decoded frame is kept in order: a variable-frame-rate clip (phones record those)
+    is read as a constant-rate one at its *average* rate, so its duration is kept and only the spacing of frames
+    within it is evened out.
+
+    Raises:
+        InputError: the file is missing, is not a video, has no video stream, or has no decodable frame.
+    """
+    fps = probe_fps(path)
+    return np.stack(list(iter_frames(path, max_frames))), fps
 
 
 def _to_fraction(fps: float | Fraction) -> Fraction:

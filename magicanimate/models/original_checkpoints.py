@@ -68,6 +68,12 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             # mmap avoids a second copy of a 5 GB file; only zip-format pickles (torch >= 1.6) support it.
             state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except Exception as err:  # noqa: BLE001 - any failure here means the file is unusable
+        if "Weights only load failed" in str(err):
+            raise CheckpointError(
+                f"refusing to load {path}: it is a pickle that would run code when loaded (only plain tensors are "
+                "read); use the released file ('magicanimate download'), or save its tensors as a plain state dict in "
+                "a trusted session and run 'magicanimate convert' to get a safetensors-only tree"
+            ) from None
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise CheckpointError(f"cannot read checkpoint {path}: {reason}") from err
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
@@ -97,7 +103,8 @@ def _load_into_skeleton(model: torch.nn.Module, state: dict, source: str, allowe
     if unexpected:
         problems.append(f"unexpected keys {_names(unexpected)}")
     if bad_shapes:
-        problems.append(f"keys with the wrong shape {_names(bad_shapes)}")
+        shapes = [f"{k} {tuple(state[k].shape)} != model {tuple(expected[k].shape)}" for k in bad_shapes]
+        problems.append(f"keys with the wrong shape (checkpoint vs model): {_names(shapes, limit=3)}")
     if problems:
         raise CheckpointError(f"{source} does not fit the model: {'; '.join(problems)}")
     model.load_state_dict(state, strict=False, assign=True)

@@ -27,6 +27,7 @@ from ..io import load_image, read_video
 from ..models.original_checkpoints import load_appearance_encoder, load_video_unet
 from ..models.reference_attention import ReferenceAttentionControl
 from ..models.video_unet import VideoUNet
+from ..weights import EXPECTED_TREE
 from .context_windows import WindowWork, context_windows, fusion_weights
 
 VAE_SCALING_FACTOR = 0.18215  # hard-coded by the original, equal to sd-vae-ft-mse's config
@@ -127,12 +128,12 @@ class MagicAnimatePipeline(DiffusionPipeline):
         default_motion = root / "MagicAnimate" / "temporal_attention" / "temporal_attention.ckpt"
         motion_path = Path(motion_module or _prefer_safetensors(default_motion))
         folders = (sd / "unet", sd / "text_encoder", sd / "tokenizer", vae_path, appearance_path, controlnet_path)
-        for piece in (*folders, motion_path):
-            if not (piece.is_file() if piece == motion_path else piece.is_dir()):
-                raise CheckpointError(
-                    f"missing checkpoint {piece}; run 'magicanimate download --to {root}' "
-                    "or see pretrained/README.md for the expected layout"
-                )
+        missing = [str(p) for p in folders if not p.is_dir()] + ([] if motion_path.is_file() else [str(motion_path)])
+        if missing:
+            raise CheckpointError(
+                f"incomplete checkpoint tree, missing {', '.join(missing)}; {EXPECTED_TREE.format(root=root)}; run "
+                f"'magicanimate download --to {root}' or see pretrained/README.md"
+            )
         try:
             pipe = cls(
                 vae=AutoencoderKL.from_pretrained(vae_path),
