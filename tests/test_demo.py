@@ -159,7 +159,8 @@ def test_api_endpoint_animates_densepose_and_raw_videos(server, request):
         time.sleep(0.02)
     codec, frames, size, fps = probe(job.result())
     assert (codec, frames, size, fps) == ("h264", FRAME_LIMIT, (64, 64), 25.0)  # cut to the server's limit
-    assert ("denoising", 2, 2) in progress, progress  # progress follows the denoising steps
+    # Progress follows the denoising steps (polling may miss a step: any denoising update of the 2 steps counts).
+    assert any(desc == "denoising" and length == 2 and index >= 1 for desc, index, length in progress), progress
 
     # A video of a person is detected by its colours and goes through DensePose extraction first.
     assert probe(submit("person.mp4", steps=1).result(timeout=180))[:3] == ("h264", FRAME_LIMIT, (64, 64))
