@@ -27,6 +27,8 @@ from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from magicanimate.api import apply_speed_settings
+from magicanimate.config import load_config
 from magicanimate.models import VideoUNet, magicanimate_motion_adapter
 from magicanimate.pipelines import MagicAnimatePipeline, context_windows, magicanimate_scheduler
 
@@ -282,6 +284,7 @@ def main():
     parser.add_argument("--flops-only", action="store_true", help="count work at full size on the meta device")
     parser.add_argument("--flops", action="store_true", help="also count FLOPs of the timed run (slower)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the video UNet (fast mode)")
+    parser.add_argument("--motion-attention", choices=("sdpa", "bmm"), default="sdpa", help="motion-module attention")
     parser.add_argument("--json", action="store_true", help="one JSON object per line and run")
     args = parser.parse_args()
 
@@ -291,6 +294,7 @@ def main():
         dtype = torch.float16 if args.device.startswith("cuda") else torch.float32
         pipe = build_pipeline(args.reduced, args.device, dtype).to(args.device)
         pipe.set_progress_bar_config(disable=True)
+        apply_speed_settings(pipe, load_config(motion_attention=args.motion_attention))
         if args.mode == "fast":
             pipe.unet.to(memory_format=torch.channels_last)
             pipe.controlnet.to(memory_format=torch.channels_last)

@@ -258,6 +258,16 @@ def apply_speed_settings(pipe, config):
     if config.channels_last:
         pipe.unet.to(memory_format=torch.channels_last)
         pipe.controlnet.to(memory_format=torch.channels_last)
+    if config.motion_attention == "bmm":
+        # Sequence length 16 with a huge batch: two batched GEMMs can beat fused SDPA kernels (the original's path).
+        from diffusers.models.attention_processor import AttnProcessor
+
+        processors = pipe.unet.attn_processors
+        pipe.unet.set_attn_processor(
+            {name: AttnProcessor() if "motion_modules" in name else proc for name, proc in processors.items()}
+        )
+    elif config.motion_attention != "sdpa":
+        raise InputError(f"motion_attention must be sdpa or bmm, got {config.motion_attention!r}")
     if config.compile:
         pipe.unet = torch.compile(pipe.unet)
     return pipe

@@ -44,6 +44,7 @@ LOAD_KEYS = (
     "device",
     "dtype",
     "channels_last",
+    "motion_attention",
     "compile",
 )
 

@@ -98,3 +98,17 @@ def test_sliding_equals_uniform_when_one_window_covers_the_clip(tiny_pipe, refer
     uniform = _run(tiny_pipe, reference_image, motion16, context_schedule="uniform")
     sliding = _run(tiny_pipe, reference_image, motion16, context_schedule="sliding")
     np.testing.assert_allclose(uniform, sliding, rtol=0, atol=1e-5)  # weights cancel: (w * p) / w, rounding only
+
+
+def test_motion_attention_bmm_gives_the_same_frames(tiny_tree, reference_image, motion16):
+    from conftest import load_tiny_pipeline
+
+    from magicanimate.api import apply_speed_settings
+    from magicanimate.config import load_config
+
+    pipe = load_tiny_pipeline(tiny_tree)
+    sdpa = _run(pipe, reference_image, motion16)
+    apply_speed_settings(pipe, load_config(motion_attention="bmm"))
+    kinds = {type(p).__name__ for name, p in pipe.unet.attn_processors.items() if "motion_modules" in name}
+    assert kinds == {"AttnProcessor"}
+    np.testing.assert_allclose(_run(pipe, reference_image, motion16), sdpa, rtol=0, atol=1e-5)
