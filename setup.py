@@ -26,7 +26,7 @@ setup(
     ],
     extras_require={
         # The demo tests: gradio_client for the API, Playwright driving the system Chromium (no browser download).
-        "test": ["pytest>=8", "gradio>=6.31,<7", "gradio_client>=2.7", "playwright>=1.50"],
+        "test": ["pytest>=8", "gradio>=6.31,<7", "gradio_client>=2.7", "playwright>=1.50", "opencv-python-headless"],
         # The DensePose TorchScript export calls torchvision ops; torchvision needs a matching torch build.
         "densepose": ["torchvision", "opencv-python-headless"],
         "demo": ["gradio>=6,<7"],
