@@ -126,7 +126,7 @@ def missing_weights(root: str | os.PathLike) -> list[str]:
     return missing
 
 
-def _offline() -> bool:
+def is_offline() -> bool:
     """Offline per huggingface_hub (which reads HF_HUB_OFFLINE at import) or per the environment right now."""
     from huggingface_hub import constants
 
@@ -134,7 +134,7 @@ def _offline() -> bool:
     return constants.is_offline_mode() or env.strip().upper() in {"1", "ON", "YES", "TRUE"}
 
 
-def _fetch_errors() -> tuple[type[BaseException], ...]:
+def fetch_errors() -> tuple[type[BaseException], ...]:
     """Errors that mean "could not fetch" (network, offline, hub HTTP, disk) rather than a bug of ours."""
     errors: list[type[BaseException]] = [OSError, TimeoutError]  # incl. hub HTTP/offline/LocalEntryNotFound errors
     for mod in ("httpx2", "httpx"):  # raw transport errors escape snapshot_download during file transfers
@@ -161,7 +161,7 @@ def download_weights(to: str | os.PathLike | None = None, *, token: str | None =
         if not _missing_in(root, key):
             continue
         what = f"{key} ({source.repo_id})"
-        if _offline():
+        if is_offline():
             raise CheckpointError(f"cannot fetch {what}: offline mode (HF_HUB_OFFLINE) is set; {howto}")
         print(f"magicanimate: fetching {what} into {root / key}", file=sys.stderr, flush=True)
         try:
@@ -172,7 +172,7 @@ def download_weights(to: str | os.PathLike | None = None, *, token: str | None =
                 token=token,
                 endpoint=os.environ.get("HF_ENDPOINT") or None,
             )  # honour HF_ENDPOINT set after import too
-        except _fetch_errors() as err:
+        except fetch_errors() as err:
             if getattr(err, "errno", None) == 28:  # ENOSPC
                 raise ResourceError(
                     f"disk full while fetching {what} into {root / key}; free space and retry"

@@ -269,18 +269,18 @@ def resolve_model_path(model=None) -> Path:
             return path
     import huggingface_hub
 
-    from ..weights import _fetch_errors, _offline
+    from ..weights import fetch_errors, is_offline
 
     try:  # a copy cached earlier works offline too
         return Path(huggingface_hub.hf_hub_download(HUB_REPO, HUB_FILE, local_files_only=True))
-    except _fetch_errors():
+    except fetch_errors():
         pass
-    if _offline():
+    if is_offline():
         raise CheckpointError(f"no DensePose model given and offline (HF_HUB_OFFLINE); {_HOWTO}")
     print(f"magicanimate: fetching {HUB_FILE} from {HUB_REPO}", file=sys.stderr, flush=True)
     try:
         return Path(huggingface_hub.hf_hub_download(HUB_REPO, HUB_FILE))
-    except _fetch_errors() as err:
+    except fetch_errors() as err:
         reason = (str(err).strip().splitlines() or [""])[0][:160]
         raise CheckpointError(f"cannot fetch {HUB_FILE}: {type(err).__name__}: {reason}; {_HOWTO}") from None
 

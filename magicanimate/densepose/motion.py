@@ -15,7 +15,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..io import VideoWriter
-from ..io.video import _open_input, _stream_fps, iter_frames
+from ..io.video import iter_frames, open_video, stream_fps
 from . import align
 from .extractor import Extractor, load_extractor
 from .framing import PERSON_MODES, crop_windows, frame_labels, select_persons, window_boxes
@@ -29,9 +29,9 @@ DEFAULT_SMOOTH = 3  # frames of the per-pixel majority: removes one-frame flips,
 
 def _probe(path) -> tuple[float, int | None]:
     """Frame rate and (when the header knows it) frame count, without decoding."""
-    container, stream = _open_input(path)
+    container, stream = open_video(path)
     with container:
-        return _stream_fps(stream), stream.frames or None
+        return stream_fps(stream), stream.frames or None
 
 
 @dataclass

@@ -20,7 +20,7 @@ DEFAULT_FPS = 25.0
 PathLike = str | os.PathLike
 
 
-def _open_input(path: PathLike):
+def open_video(path: PathLike):
     if not os.path.isfile(path):
         raise InputError(f"video file not found: {os.fspath(path)}; check the path")
     try:
@@ -34,7 +34,7 @@ def _open_input(path: PathLike):
     return container, container.streams.video[0]
 
 
-def _stream_fps(stream) -> float:
+def stream_fps(stream) -> float:
     """The average frame rate (frames / duration), so variable-frame-rate clips keep their length."""
     rate = stream.average_rate or stream.guessed_rate
     return float(rate) if rate else DEFAULT_FPS
@@ -51,9 +51,9 @@ def has_audio(path: PathLike) -> bool:
 
 def probe_fps(path: PathLike) -> float:
     """Frame rate of the first video stream of `path`, read from the header without decoding (25.0 if unknown)."""
-    container, stream = _open_input(path)
+    container, stream = open_video(path)
     with container:
-        return _stream_fps(stream)
+        return stream_fps(stream)
 
 
 def upright(frame) -> np.ndarray:
@@ -73,7 +73,7 @@ def iter_frames(path: PathLike, max_frames: int | None = None) -> Iterator[np.nd
     Raises:
         InputError: the file is missing, is not a video, has no video stream, or has no decodable frame.
     """
-    container, stream = _open_input(path)
+    container, stream = open_video(path)
     count = 0
     with container:
         try:
