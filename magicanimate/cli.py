@@ -1,12 +1,13 @@
-"""The ``magicanimate`` command: ``animate`` a photo with a DensePose video, ``batch`` many, ``demo``, ``download``,
-``convert``.
+"""The ``magicanimate`` command line.
 
-Every setting of ``configs/animation.yaml`` is a flag of ``animate`` under the same name (``context_overlap`` is
-``--context-overlap``). Problems the user can fix print one ``error: ...`` line and exit non-zero (2 input,
-3 checkpoints, 4 resources); ``--debug`` shows the traceback instead.
+Every setting of :mod:`magicanimate.settings` is a flag under the same name (``context_overlap`` is
+``--context-overlap``). Settings and output locations are checked before any model loads. Problems the user can fix
+print one ``error: ...`` line and exit non-zero (2 input, 3 checkpoints, 4 resources); ``--debug`` shows the
+traceback instead.
 """
 
 import argparse
+import logging
 import os
 import sys
 import traceback
@@ -14,37 +15,34 @@ import warnings
 from pathlib import Path
 
 from . import batch, convert, demo
-from .config import default_config, load_config
 from .densepose import command as densepose
-from .errors import MagicAnimateError, ResourceError
+from .errors import as_user_error
+from .settings import BY_NAME, SettingError, add_setting_flags, load_config, settings_from_args
 
-# Types of the settings whose default is null, so argparse can parse them.
-_NULL_TYPES = {"max_frames": int, "fps": float}
-# Settings that have their own short, documented flags below.
-_OWN_FLAGS = {"pretrained"}
-
-
-def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
-    for key, default in default_config().items():
-        if key in _OWN_FLAGS:
-            continue
-        flag = "--" + key.replace("_", "-")
-        if isinstance(default, bool):
-            parser.add_argument(flag, dest=key, action=argparse.BooleanOptionalAction, default=None)
-        else:
-            kind = _NULL_TYPES.get(key, type(default) if default is not None else str)
-            parser.add_argument(
-                flag, dest=key, type=kind, default=None, metavar=key.upper(), help=f"(default: {default})"
-            )
+DESCRIPTION = (
+    "Animate a photo of a person with a motion (a DensePose video, or a video of someone moving). Commands: "
+    "animate (one clip), batch (many), demo (web UI), densepose (extract a motion), download (weights), convert "
+    "(weights to safetensors). Run 'magicanimate COMMAND --help' for a command's options."
+)
+OUTPUT_HELP = (
+    "where to write the result: NAME.mp4 (H.264, with the motion's sound), NAME.gif, or a name without suffix for a "
+    "folder of PNG frames (00000.png, ...)"
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="magicanimate", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="magicanimate", description=DESCRIPTION)
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
-    commands = parser.add_subparsers(dest="command", required=True)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    animate = commands.add_parser("animate", help="animate a reference photo with a DensePose motion video")
-    animate.add_argument("--reference", required=True, help="reference photo of the person")
+    animate = commands.add_parser(
+        "animate",
+        help="animate a reference photo with a DensePose video (or a video of a person)",
+        description="Animate a reference photo. Give the motion as --motion (a DensePose video) or --driving (a video "
+        "of a person; its DensePose is extracted first). Settings come from the defaults, then --config, then flags. "
+        "For a quick first look on a CPU: --preset preview.",
+    )
+    animate.add_argument("--reference", required=True, help="reference photo of the person (PNG, JPEG, WebP)")
     source = animate.add_mutually_exclusive_group(required=True)
     source.add_argument("--motion", help="DensePose video (viridis part map, as MagicAnimate uses)")
     source.add_argument("--driving", help="raw video of a person; its DensePose is extracted first (as `densepose`)")
@@ -58,52 +56,48 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="with --driving: scale and centre the motion onto the person in --reference",
     )
-    animate.add_argument("-o", "--output", required=True, help="output video (.mp4, or .gif)")
+    animate.add_argument("-o", "--output", required=True, help=OUTPUT_HELP)
     animate.add_argument("--overwrite", action="store_true", help="replace the output if it exists")
-    animate.add_argument("--pretrained", default=None, help="root of the weights tree (see pretrained/README.md)")
     animate.add_argument("--config", default=None, help="YAML file of settings (keys as in configs/animation.yaml)")
     animate.add_argument("--debug", action="store_true", help="show tracebacks")
-    _add_setting_flags(animate)
+    add_setting_flags(animate)
 
     densepose.add_parser(commands)
     download = commands.add_parser("download", help="fetch SD 1.5, sd-vae-ft-mse and MagicAnimate weights")
     download.add_argument("--to", default=None, help="target folder (default: $MAGICANIMATE_PRETRAINED or ~/.cache)")
     download.add_argument("--debug", action="store_true", help="show tracebacks")
-    batch.add_parser(commands, _add_setting_flags)  # `batch`, `demo`, `densepose` run through `args.run`
-    demo.add_parser(commands, _add_setting_flags)
+    batch.add_parser(commands, add_setting_flags)  # `batch`, `demo`, `densepose`, `convert` run through `args.run`
+    demo.add_parser(commands, add_setting_flags)
     convert.add_parser(commands)
     return parser
 
 
 def animate_command(args) -> Path | None:
-    """Animate and write the video (rank 0 writes it when launched with torchrun)."""
-    from .api import animate, check_output_path, check_overwrite, check_settings
+    """Check everything, animate and write the output (rank 0 writes it when launched with torchrun)."""
+    from .io.output import check_output
 
-    check_output_path(args.output)
-    check_overwrite(args.output, args.overwrite)
-    settings = {k: v for k, v in vars(args).items() if k in default_config() and v is not None}
-    config = load_config(args.config, **settings)
-    check_settings(config)
+    config = load_config(args.config, **settings_from_args(args))
+    if args.align_to_reference and not args.driving:
+        raise SettingError("align_to_reference", "--align-to-reference works with --driving (a video of a person)")
+    inputs = [args.reference, args.motion, args.driving, args.config, args.densepose_model]
+    check_output(args.output, inputs=inputs, overwrite=args.overwrite)
     rank = 0
+    settings = dict(config)
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # under torchrun: one clip split across the ranks
         from .distributed import init_from_env, rank_and_world
 
         settings["device"] = str(init_from_env())
         rank = rank_and_world()[0]
-    motion = args.motion
-    if args.driving:
-        from .densepose import extract_motion
+    from .api import animate
 
-        motion, _ = extract_motion(
-            args.driving,
-            model=args.densepose_model,
-            size=config.size,
-            fps=25.0,  # the checkpoints' rate; animate() takes array motion as 25 fps (--fps still sets the output)
-            align_to=args.reference if args.align_to_reference else None,
-            max_frames=config.max_frames,
-            device=config.device,
-        )
-    video = animate(args.reference, motion, config=args.config, **settings)
+    video = animate(
+        args.reference,
+        args.motion,
+        driving=args.driving,
+        densepose_model=args.densepose_model,
+        align_to_reference=args.align_to_reference,
+        **settings,
+    )
     return video.save(args.output, crf=config.crf) if rank == 0 else None
 
 
@@ -117,10 +111,31 @@ def _format_warning(message, category, filename, lineno, line=None) -> str:
     return f"warning: {message}\n"
 
 
+def _log_to_terminal() -> None:
+    """The library's progress lines (the plan, model loading) go to stderr as plain lines."""
+    logger = logging.getLogger("magicanimate")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
+def user_message(error) -> str:
+    """The error's line, with the flag that sets the setting it names (the library speaks of settings only)."""
+    text = str(error)
+    key = getattr(error, "key", None)
+    if isinstance(error, SettingError) and key in BY_NAME and BY_NAME[key].flag not in text:
+        text += f" ({BY_NAME[key].flag}, or {key}: in --config)"
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if not args.debug:
         warnings.formatwarning = _format_warning  # one readable line per warning, not the source location
+    _log_to_terminal()
     try:
         if args.command == "animate":
             output = animate_command(args)
@@ -137,34 +152,13 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:  # noqa: BLE001 - every failure ends in one line unless --debug
         if args.debug:
             traceback.print_exc()
-        error = _as_user_error(err)
+        error = as_user_error(err)
         if error is None:
             if not args.debug:
                 traceback.print_exc()
             return 1
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {user_message(error)}", file=sys.stderr)
         return error.exit_code
-
-
-def _as_user_error(err: Exception) -> MagicAnimateError | None:
-    """The user-facing form of ``err``, or None for a bug (which keeps its traceback)."""
-    if isinstance(err, MagicAnimateError):
-        return err
-    if type(err).__name__ == "OutOfMemoryError" or isinstance(err, MemoryError) or _is_oom(err):
-        return ResourceError(OUT_OF_MEMORY)
-    return None
-
-
-OUT_OF_MEMORY = (
-    "out of memory; to use less: --dtype float16 (on a GPU), --context-batch-size 1, --decode-chunk-size 4, "
-    "a smaller --size (e.g. 384), fewer frames with --max-frames, or close other programs using the GPU"
-)
-
-
-def _is_oom(err: Exception) -> bool:
-    """A RuntimeError that is an allocation failure (older torch, MPS, cuDNN) rather than a bug."""
-    text = str(err).lower()
-    return isinstance(err, RuntimeError) and ("out of memory" in text or "failed to allocate memory" in text)
 
 
 if __name__ == "__main__":

@@ -28,3 +28,30 @@ class ResourceError(MagicAnimateError):
     """The machine ran out of something (memory, disk)."""
 
     exit_code = 4
+
+
+OUT_OF_MEMORY = (
+    "out of memory; to use less: dtype float16 (on a GPU), context_batch_size 1, decode_chunk_size 4, a smaller size "
+    "(e.g. 384), fewer frames (max_frames), or close other programs using the GPU"
+)
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """An allocation failure: torch's ``OutOfMemoryError`` (CUDA, XPU, MPS), ``MemoryError``, or the plain
+    ``RuntimeError`` older torch builds, cuDNN and the CPU allocator raise."""
+    if isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError":
+        return True
+    text = str(err).lower()
+    return isinstance(err, RuntimeError) and any(
+        phrase in text for phrase in ("out of memory", "failed to allocate memory", "can't allocate memory")
+    )
+
+
+def as_user_error(err: BaseException) -> MagicAnimateError | None:
+    """The user-facing form of ``err`` (ours as they are, out-of-memory as a :class:`ResourceError`), or ``None``
+    for a bug, which keeps its traceback."""
+    if isinstance(err, MagicAnimateError):
+        return err
+    if is_out_of_memory(err):
+        return ResourceError(OUT_OF_MEMORY)
+    return None

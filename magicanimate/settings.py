@@ -309,8 +309,8 @@ def add_setting_flags(parser: argparse.ArgumentParser, *, skip: tuple[str, ...] 
     (not given), so only what the user typed overrides the config file."""
     groups: dict[str, argparse._ArgumentGroup] = {}
     for setting in SETTINGS:
-        if setting.name in skip:
-            continue
+        if setting.name in skip or setting.flag in parser._option_string_actions:
+            continue  # a command may give a setting its own flag (e.g. ``--pretrained`` with a command-specific help)
         if setting.group not in groups:
             groups[setting.group] = parser.add_argument_group(f"{setting.group} settings")
         group = groups[setting.group]
@@ -327,9 +327,15 @@ def add_setting_flags(parser: argparse.ArgumentParser, *, skip: tuple[str, ...] 
             dest=setting.name,
             type=_flag_parser(setting),
             default=None,
-            metavar=setting.name.upper() if not setting.choices else "{" + ",".join(setting.choices) + "}",
+            metavar=_metavar(setting),
             help=text.replace("%", "%%"),
         )
+
+
+def _metavar(setting: Setting) -> str:
+    if setting.choices:
+        return "{" + ",".join(setting.choices) + "}"
+    return "PATH" if setting.kind is str else {int: "N", float: "X"}[setting.kind]
 
 
 def _flag_parser(setting: Setting):

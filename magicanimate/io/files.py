@@ -35,7 +35,7 @@ def check_readable(path: str | os.PathLike, what: str = "file", error: type[Inpu
     if not path.exists():
         raise error(f"{what} {name} is a broken link; point it at the real file")
     if not os.access(path, os.R_OK):
-        raise error(f"{what} {name} cannot be read: permission denied (check its permissions, e.g. chmod a+r)")
+        raise permission_denied(path, what, error)
     if path.stat().st_size == 0:
         raise error(f"{what} {name} is empty (0 bytes); the download or copy did not finish")
     if is_lfs_pointer(path):
@@ -44,6 +44,12 @@ def check_readable(path: str | os.PathLike, what: str = "file", error: type[Inpu
             "'git lfs pull' in its repository, or download the file"
         )
     return path
+
+
+def permission_denied(path: str | os.PathLike, what: str = "file", error: type[InputError] | type = InputError):
+    """The error for a file we may not read. Readers raise it from a ``PermissionError`` at open too, since
+    :func:`os.access` can say yes where the open then fails (ACLs, network file systems, a changed mode)."""
+    return error(f"{what} {os.fspath(path)} cannot be read: permission denied (check its permissions, e.g. chmod a+r)")
 
 
 def check_checkpoint_file(path: str | os.PathLike) -> Path:

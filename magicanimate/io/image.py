@@ -11,6 +11,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from ..errors import InputError
+from .files import check_readable, permission_denied
 
 ImageInput = str | os.PathLike | Image.Image | np.ndarray
 MAX_SIDE = 4096  # longer sides are downscaled on load: the models work at 512, and a 50 MP photo only costs memory
@@ -55,22 +56,26 @@ def load_image(source: ImageInput, min_side: int = 1) -> Image.Image:
     longer side exceeds :data:`MAX_SIDE` is downscaled (with a warning); one with a side under `min_side` pixels
     is refused (references need :data:`MIN_SIDE`).
 
+    A path is checked by :func:`~magicanimate.io.files.check_readable` first, so a missing file, a folder, an empty
+    file, a Git LFS pointer or a file without read permission is named as what it is, not as a damaged image.
+
     Raises:
-        InputError: the file is missing, is not a readable image, or the image is empty or smaller than `min_side`.
+        InputError: the file is missing or unreadable (see above), is not an image, or the image is empty or
+            smaller than `min_side`.
     """
     if isinstance(source, np.ndarray):
         name, image = "image array", _from_array(source)
     elif isinstance(source, Image.Image):
         name, image = "image", source
     elif isinstance(source, (str, os.PathLike)):
-        name = os.fspath(source)
-        if not os.path.isfile(name):
-            raise InputError(f"image file not found: {name}; check the path")
+        name = os.fspath(check_readable(source, "image file"))
         try:
             with Image.open(name) as opened:
                 opened.load()
                 # exif_transpose returns a detached copy, so the file can be closed right away.
                 image = ImageOps.exif_transpose(opened)
+        except PermissionError:  # before OSError: a file we may not read is not a corrupt one
+            raise permission_denied(name, "image file") from None
         except Image.DecompressionBombError:
             raise InputError(f"{name} is too large to decode safely; pass an image under 100 megapixels") from None
         except (OSError, SyntaxError, ValueError):  # UnidentifiedImageError is an OSError

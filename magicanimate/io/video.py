@@ -2,10 +2,16 @@
 
 Only PyAV is used (never an ``ffmpeg`` executable), so video I/O works wherever the ``av`` wheel installs. Frames are
 always uint8 RGB arrays of shape ``(H, W, 3)``; a clip is an array of shape ``(F, H, W, 3)``.
+
+Every reader asks :func:`~magicanimate.io.files.check_readable` first (a missing file, a folder, an empty file, a
+Git LFS pointer, no read permission: each named as what it is, never as "corrupt"). Every writer goes through
+:func:`~magicanimate.io.output.atomic_output`, so an output appears only when complete and a full disk is a
+:class:`~magicanimate.errors.ResourceError` with nothing left behind.
 """
 
 import os
-import uuid
+import re
+import warnings
 from collections.abc import Iterable, Iterator
 from fractions import Fraction
 from pathlib import Path
@@ -15,16 +21,25 @@ import numpy as np
 from PIL import Image
 
 from ..errors import InputError
+from .files import check_readable, permission_denied
+from .output import atomic_output
 
 DEFAULT_FPS = 25.0
 PathLike = str | os.PathLike
 
 
 def open_video(path: PathLike):
-    if not os.path.isfile(path):
-        raise InputError(f"video file not found: {os.fspath(path)}; check the path")
+    """``(container, first video stream)`` of ``path``, header only; the caller closes the container.
+
+    Raises:
+        InputError: the file is missing or unreadable (see :func:`~magicanimate.io.files.check_readable`), is not a
+            video, or has no video stream.
+    """
+    name = os.fspath(check_readable(path, "video file"))
     try:
-        container = av.open(os.fspath(path))
+        container = av.open(name)
+    except PermissionError:  # PyAV's subclasses FFmpegError too: a file we may not read is not a corrupt one
+        raise permission_denied(name, "video file") from None
     except (av.FFmpegError, OSError, ValueError):
         message = f"cannot read video {os.fspath(path)}: not a video or corrupted; pass an mp4, webm, mov or gif file"
         raise InputError(message) from None
@@ -41,10 +56,18 @@ def stream_fps(stream) -> float:
 
 
 def has_audio(path: PathLike) -> bool:
-    """Whether `path` is a readable file with an audio stream we can decode (header only, nothing decoded)."""
+    """Whether `path` has an audio stream we can decode (header only, nothing decoded). A file that is not a media
+    file has none; one that cannot be read at all is an error, as for the other readers.
+
+    Raises:
+        InputError: the file is missing or unreadable (see :func:`~magicanimate.io.files.check_readable`).
+    """
+    name = os.fspath(check_readable(path, "video file"))
     try:
-        with av.open(os.fspath(path)) as container:
+        with av.open(name) as container:
             return any(stream.codec_context is not None for stream in container.streams.audio)
+    except PermissionError:
+        raise permission_denied(name, "video file") from None
     except (av.FFmpegError, OSError, ValueError):
         return False
 
@@ -67,25 +90,45 @@ def upright(frame) -> np.ndarray:
 def iter_frames(path: PathLike, max_frames: int | None = None) -> Iterator[np.ndarray]:
     """Decode RGB uint8 frames `(H, W, 3)` one at a time, upright (see :func:`upright`).
 
-    A damaged tail (for example a truncated download) ends the clip instead of failing it, since a partial motion
+    The file is opened at once, so a missing or unreadable video fails here rather than at the first frame. A
+    damaged tail (for example a truncated download) ends the clip instead of failing it, since a partial motion
     sequence is still usable; only a file with no decodable frame at all raises.
 
+    A stream whose frame size changes part-way (possible in MPEG-TS or raw H.264, e.g. a concatenation of clips) is
+    refused at the first frame of another size rather than rescaled: a clip is one ``(F, H, W, 3)`` array, and
+    stretching the later frames would silently move the body parts of a DensePose motion (or the person of a
+    driving video) relative to the first ones.
+
     Raises:
-        InputError: the file is missing, is not a video, has no video stream, or has no decodable frame.
+        InputError: the file is missing or unreadable, is not a video, has no video stream, has no decodable
+            frame, or changes its frame size.
     """
     container, stream = open_video(path)
-    count = 0
+    return _decode(container, stream, os.fspath(path), max_frames)
+
+
+def _decode(container, stream, name: str, max_frames: int | None) -> Iterator[np.ndarray]:
+    count, first = 0, None
     with container:
         try:
             for frame in container.decode(stream):
                 if max_frames is not None and count >= max_frames:
                     break
-                yield upright(frame)
+                image = upright(frame)
+                first = image.shape if first is None else first
+                if image.shape != first:
+                    raise InputError(
+                        f"the frame size of {name} changes mid-stream: frame {count} is {image.shape[1]}x"
+                        f"{image.shape[0]}, frame 0 is {first[1]}x{first[0]}; re-export it at one frame size"
+                    )
+                yield image
                 count += 1
+        except InputError:  # ours (a ValueError too), not a damaged tail
+            raise
         except (av.FFmpegError, OSError, ValueError):
             pass  # damaged tail: keep what was decoded
     if count == 0:
-        raise InputError(f"no frame could be decoded from {os.fspath(path)}; the file is empty or corrupted")
+        raise InputError(f"no frame could be decoded from {name}; the file is empty or corrupted")
 
 
 def read_video(path: PathLike, max_frames: int | None = None) -> tuple[np.ndarray, float]:
@@ -97,7 +140,8 @@ def read_video(path: PathLike, max_frames: int | None = None) -> tuple[np.ndarra
     within it is evened out.
 
     Raises:
-        InputError: the file is missing, is not a video, has no video stream, or has no decodable frame.
+        InputError: the file is missing or unreadable, is not a video, has no video stream, has no decodable
+            frame, or changes its frame size mid-stream (see :func:`iter_frames`).
     """
     fps = probe_fps(path)
     return np.stack(list(iter_frames(path, max_frames))), fps
@@ -134,11 +178,13 @@ class VideoWriter:
     browsers can start playing before the download ends). yuv420p needs an even width and height, so frames with an
     odd size are padded by one row/column that repeats the edge pixels.
 
-    Frames go to a hidden temporary file next to `path`, which replaces `path` only when the ``with`` block exits
-    without an exception: an interrupted run never leaves a half-written or clobbered video behind.
+    Frames go to the temporary file of :func:`~magicanimate.io.output.atomic_output`, which replaces `path` only
+    when the ``with`` block exits without an exception: an interrupted run never leaves a half-written or clobbered
+    video behind, and a full disk ends as :class:`~magicanimate.errors.ResourceError` with nothing left.
 
     ``audio_from`` names a file whose first audio track is re-encoded to AAC into the result (the driving video's
-    sound, so a dance keeps its music), cut to the length of the video; a file without audio adds none.
+    sound, so a dance keeps its music), cut to the length of the video; a file without audio adds none, and one
+    that has become unreadable since (a moved upload) adds none with a warning rather than losing the frames.
 
     Example:
 
@@ -155,15 +201,23 @@ class VideoWriter:
         self.path = Path(path)
         self.rate = _to_fraction(fps)
         self.crf = crf
-        self.audio_from = audio_from if audio_from is not None and has_audio(audio_from) else None
+        self.audio_from = None
+        if audio_from is not None:
+            try:
+                self.audio_from = audio_from if has_audio(audio_from) else None
+            except InputError as err:
+                warnings.warn(f"{err}; writing the video without sound", stacklevel=2)
         self.frame_count = 0
-        self._container = self._stream = self._audio_stream = self._temp_path = None
+        self._container = self._stream = self._audio_stream = self._output = self._temp_path = None
 
     def __enter__(self) -> "VideoWriter":
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        # Same directory, so os.replace is atomic; a unique name, so concurrent writers do not collide.
-        self._temp_path = self.path.with_name(f".{self.path.name}.{uuid.uuid4().hex[:8]}.partial.mp4")
-        self._container = av.open(str(self._temp_path), "w", format="mp4", options={"movflags": "faststart"})
+        self._output = atomic_output(self.path)
+        self._temp_path = self._output.__enter__()
+        try:
+            self._container = av.open(str(self._temp_path), "w", format="mp4", options={"movflags": "faststart"})
+        except BaseException as err:
+            self._output.__exit__(type(err), err, err.__traceback__)  # raises its own error for err, or returns
+            raise
         return self
 
     def write(self, frame) -> None:
@@ -187,24 +241,32 @@ class VideoWriter:
         self._container.mux(self._stream.encode(video_frame))
         self.frame_count += 1
 
-    def __exit__(self, exc_type, exc_value, traceback) -> None:
+    def __exit__(self, exc_type, exc_value, traceback) -> bool:
         container, self._container = self._container, None
+        output, self._output = self._output, None
         try:
-            if exc_type is None and self.frame_count == 0:
-                raise InputError(f"no frames to write to {self.path}; the video would be empty")
             if exc_type is None:
+                if self.frame_count == 0:
+                    raise InputError(f"no frames to write to {self.path}; the video would be empty")
                 container.mux(self._stream.encode(None))  # flush frames buffered by the encoder
                 if self._audio_stream is not None:
                     _mux_audio(container, self._audio_stream, self.audio_from, self.frame_count / self.rate)
-                container.close()
-                os.replace(self._temp_path, self.path)
-        finally:
-            if self._temp_path.exists():
-                try:
-                    container.close()
-                except Exception:
-                    pass
-                self._temp_path.unlink()
+                container.close()  # writes the index: the disk can fill up here too
+        except BaseException as err:
+            _close_quietly(container)
+            # atomic_output removes the temporary file and raises a full disk as a ResourceError; else err goes on.
+            output.__exit__(type(err), err, err.__traceback__)
+            raise
+        if exc_type is not None:
+            _close_quietly(container)  # before atomic_output deletes the file
+        return bool(output.__exit__(exc_type, exc_value, traceback))
+
+
+def _close_quietly(container) -> None:
+    try:
+        container.close()
+    except Exception:  # noqa: BLE001 - already failing; the first error is the one to report
+        pass
 
 
 # Channel layouts the AAC encoder takes as they are; anything else is downmixed to stereo.
@@ -266,22 +328,46 @@ def write_video(
 
 
 def write_gif(path: PathLike, frames: Iterable, fps: float = DEFAULT_FPS) -> Path:
-    """Write frames to a looping GIF (for previews where mp4 is not welcome; colours are quantised to 256)."""
+    """Write frames to a looping GIF (for previews where mp4 is not welcome; colours are quantised to 256), through
+    :func:`~magicanimate.io.output.atomic_output`."""
     images = [Image.fromarray(_to_uint8(frame)) for frame in frames]
     if not images:
         raise InputError(f"no frames to write to {path}; the GIF would be empty")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    images[0].save(path, save_all=True, append_images=images[1:], duration=round(1000 / fps), loop=0)
+    with atomic_output(path) as temp:
+        images[0].save(temp, format="GIF", save_all=True, append_images=images[1:], duration=round(1000 / fps), loop=0)
     return path
 
 
-def write_png_frames(directory: PathLike, frames: Iterable) -> list:
-    """Write frames losslessly as `directory/00000.png, 00001.png, ...` and return their paths."""
+_FRAME_NAME = re.compile(r"\d{5}\.png")
+
+
+def write_png_frames(directory: PathLike, frames: Iterable) -> list[Path]:
+    """Write frames losslessly as `directory/00000.png, 00001.png, ...` and return their paths.
+
+    The folder is written whole under a temporary name and then put in place (see
+    :func:`~magicanimate.io.output.atomic_output`): an earlier frame folder is replaced completely (no stale frames
+    of a longer earlier run), but a folder holding anything else is refused, so a typo never deletes files.
+
+    Raises:
+        InputError: `directory` is a file or a folder with other files in it, or there are no frames.
+        ResourceError: the disk is full; nothing is left behind.
+    """
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    if os.path.lexists(directory):
+        if directory.is_symlink() or not directory.is_dir():
+            raise InputError(f"{directory} exists and is not a folder of PNG frames; choose another output")
+        others = [entry.name for entry in directory.iterdir() if not _FRAME_NAME.fullmatch(entry.name)]
+        if others:
+            raise InputError(
+                f"{directory} exists and is not a folder of PNG frames (it holds {others[0]}); choose another output"
+            )
     paths = []
-    for index, frame in enumerate(frames):
-        paths.append(directory / f"{index:05d}.png")
-        Image.fromarray(_to_uint8(frame)).save(paths[-1])
+    with atomic_output(directory, folder=True) as temp:
+        for index, frame in enumerate(frames):
+            name = f"{index:05d}.png"
+            Image.fromarray(_to_uint8(frame)).save(temp / name, format="PNG")
+            paths.append(directory / name)
+        if not paths:
+            raise InputError(f"no frames to write to {directory}; the folder would be empty")
     return paths
