@@ -27,10 +27,10 @@ from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from magicanimate.api import apply_speed_settings
-from magicanimate.config import load_config
+from magicanimate.loading import apply_speed_settings
 from magicanimate.models import VideoUNet, magicanimate_motion_adapter
 from magicanimate.pipelines import MagicAnimatePipeline, context_windows, magicanimate_scheduler
+from magicanimate.settings import load_config
 
 SD15_UNET = {
     "in_channels": 4,
@@ -165,10 +165,10 @@ def timed_run(pipe, frames, mode, steps, device, count_flops=False):
     decode_time = [0.0]
     decode = pipe.decode_latents
 
-    def timed_decode(latents, chunk):
+    def timed_decode(*args, **kwargs):
         synchronize(device)
         start = time.perf_counter()
-        out = decode(latents, chunk)
+        out = decode(*args, **kwargs)
         synchronize(device)
         decode_time[0] += time.perf_counter() - start
         return out

@@ -95,7 +95,9 @@ def read_motion(motion, max_frames: int | None) -> tuple[np.ndarray, float, str]
         motion = np.stack([np.asarray(load_image(frame)) for frame in motion]) if motion else np.zeros((0,))
     frames = np.asarray(motion)
     if frames.ndim != 4 or frames.shape[-1] != 3 or len(frames) == 0 or frames.dtype != np.uint8:
-        raise InputError(f"motion frames must be a non-empty uint8 array (F, H, W, 3), got {frames.dtype} {frames.shape}")
+        raise InputError(
+            f"motion frames must be a non-empty uint8 array (F, H, W, 3), got {frames.dtype} {frames.shape}"
+        )
     return frames[:max_frames], 25.0, "the motion frames"
 
 
@@ -162,6 +164,10 @@ def animate(
     if config.fps is not None and config.fps != motion_fps:
         audio = None  # a resampled clip no longer lines up with the sound
     height, width = frame_size(*frames.shape[1:3], config.size)
+    if pipeline is None:
+        from .loading import locate_weights
+
+        locate_weights(config)  # a missing checkpoint fails before the plan and the long loading
     _tell_plan(len(frames), height, width, config, pipeline)
     pipe = pipeline if pipeline is not None else load_pipeline(config)
 

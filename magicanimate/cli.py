@@ -30,10 +30,18 @@ OUTPUT_HELP = (
 )
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``error: argument --steps: must be ...`` and where to read the options,
+    instead of the whole usage block."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see '{self.prog} --help')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="magicanimate", description=DESCRIPTION)
+    parser = Parser(prog="magicanimate", description=DESCRIPTION)
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
 
     animate = commands.add_parser(
         "animate",

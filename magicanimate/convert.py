@@ -7,8 +7,6 @@ only ``.safetensors`` files, loads without unpickling anything and faster (``--p
 
 import argparse
 import os
-import shutil
-import uuid
 from pathlib import Path
 
 from .errors import InputError
@@ -38,32 +36,26 @@ def _run_and_report(args) -> int:
 def convert(src: str | os.PathLike, dst: str | os.PathLike, *, motion_only: bool = False, overwrite: bool = False):
     """Load ``src`` with :meth:`MagicAnimatePipeline.from_pretrained` and save it to ``dst`` as safetensors only.
 
-    ``dst`` appears only when complete (written next to it, then renamed), so an interrupted conversion leaves
-    nothing that looks like a usable folder.
+    ``dst`` is checked before anything loads and appears only when complete (written under a temporary name next to
+    it, then renamed), so an interrupted conversion leaves nothing that looks like a usable folder.
 
     Raises:
-        InputError: ``dst`` exists (without ``overwrite``) or is ``src``. CheckpointError: ``src`` is unusable.
+        InputError: ``src`` is not a folder; ``dst`` exists (without ``overwrite``), cannot be written, or is
+            ``src``, inside it or around it. CheckpointError: ``src`` is unusable. ResourceError: the disk is full.
     """
+    from .io.output import atomic_output, check_output
+
     src, dst = Path(src), Path(dst)
     if not src.is_dir():
         raise InputError(f"checkpoint tree not found: {src}; pass the folder that holds stable-diffusion-v1-5/")
-    if dst.resolve() == src.resolve():
-        raise InputError("DST_DIR is the source tree; choose a new folder")
-    if os.path.lexists(dst) and not overwrite and (not dst.is_dir() or any(dst.iterdir())):
-        raise InputError(f"{dst} already exists; pass --overwrite to replace it, or choose another folder")
-    from .api import quiet_loading
+    if dst.resolve().is_relative_to(src.resolve()):
+        raise InputError(f"DST_DIR {dst} is inside the source tree {src}; choose a folder outside it")
+    check_output(dst, inputs=[src], overwrite=overwrite, suffixes=None, folder_ok=True)
+    from .loading import quiet_loading
     from .pipelines import MagicAnimatePipeline
 
     with quiet_loading():
         pipe = MagicAnimatePipeline.from_pretrained(src, motion_only=motion_only)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    temp = dst.with_name(f".{dst.name}.{uuid.uuid4().hex[:8]}.partial")
-    try:
+    with atomic_output(dst, folder=True) as temp:
         pipe.save_pretrained(temp, safe_serialization=True)
-        if os.path.lexists(dst):
-            shutil.rmtree(dst) if dst.is_dir() and not dst.is_symlink() else dst.unlink()
-        os.replace(temp, dst)
-    finally:
-        if temp.exists():
-            shutil.rmtree(temp)
     return dst

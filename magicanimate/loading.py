@@ -18,19 +18,11 @@ def load_pipeline(config: DictConfig | str | Path | None = None, **settings):
     """The pipeline for the configured checkpoints on the configured device; the default tree is fetched on first
     use when online. ``config`` is a validated config, a YAML file, or ``None``; ``settings`` override it."""
     from .devices import resolve_device
-    from .weights import default_pretrained_dir, ensure_weights, incomplete_tree_error, missing_weights
 
     if not isinstance(config, DictConfig) or settings:
         config = load_config(config, **settings)
     device, dtype = resolve_device(config.device, config.dtype)
-    pieces = {key: config[key] for key in PIECE_KEYS if config[key]}
-    root = Path(config.pretrained).expanduser() if config.pretrained else default_pretrained_dir()
-    converted = (root / "model_index.json").is_file()  # a tree written by `magicanimate convert`
-    if len(pieces) < len(PIECE_KEYS) and not converted:
-        if config.pretrained is None:
-            ensure_weights(root, download=True)
-        elif missing := missing_weights(root):
-            raise incomplete_tree_error(root, missing)
+    root, pieces = locate_weights(config)
     from .pipelines import MagicAnimatePipeline
 
     start = time.perf_counter()
@@ -47,6 +39,23 @@ def load_pipeline(config: DictConfig | str | Path | None = None, **settings):
             torch.nn.Module.to(component, device)
     log.info(f"models loaded in {time.perf_counter() - start:.0f} s")
     return apply_speed_settings(pipe, config)
+
+
+def locate_weights(config: DictConfig) -> tuple[Path, dict]:
+    """``(root, pieces)``: the weights tree and the single pieces that replace parts of it, once every file the
+    settings name is there (the default tree is fetched on first use when online). Cheap, so a run checks it before
+    its plan and the long loading."""
+    from .weights import default_pretrained_dir, ensure_weights, incomplete_tree_error, missing_weights
+
+    pieces = {key: config[key] for key in PIECE_KEYS if config[key]}
+    root = Path(config.pretrained).expanduser() if config.pretrained else default_pretrained_dir()
+    converted = (root / "model_index.json").is_file()  # a tree written by `magicanimate convert`
+    if len(pieces) < len(PIECE_KEYS) and not converted:
+        if config.pretrained is None:
+            ensure_weights(root, download=True)
+        elif missing := missing_weights(root):
+            raise incomplete_tree_error(root, missing)
+    return root, pieces
 
 
 @contextmanager

@@ -25,7 +25,6 @@ from omegaconf import DictConfig, OmegaConf
 from .errors import InputError
 
 
-
 class SettingError(InputError):
     """A setting has a value it cannot take. ``key`` names the setting, so a front end can add its own spelling of
     it (the CLI appends the flag)."""
@@ -188,7 +187,10 @@ SETTINGS: tuple[Setting, ...] = (
 )  # fmt: skip
 del S
 BY_NAME: dict[str, Setting] = {setting.name: setting for setting in SETTINGS}
-PIECE_KEYS = tuple(s.name for s in SETTINGS if s.group == "checkpoints" and s.kind is str and s.name != "pretrained")
+# The single checkpoint pieces (the original config's key names) that replace parts of the `pretrained` tree.
+PIECE_KEYS = tuple(
+    s.name for s in SETTINGS if s.group == "checkpoints" and s.kind is str and not s.choices and s.name != "pretrained"
+)
 LOAD_KEYS = tuple(s.name for s in SETTINGS if s.scope == "load")
 
 # Named presets: values applied under the user's own settings (a flag or a config key still wins).
@@ -382,7 +384,8 @@ def render_yaml() -> str:
     return "".join(lines)
 
 
-def write_yaml(path: str | Path = Path(__file__).resolve().parents[1] / "configs" / "animation.yaml") -> Path:
-    """Regenerate ``configs/animation.yaml`` after editing :data:`SETTINGS`."""
-    Path(path).write_text(render_yaml(), encoding="utf-8")
-    return Path(path)
+def write_yaml(path: str | Path | None = None) -> Path:
+    """Regenerate ``configs/animation.yaml`` (of this checkout, by default) after editing :data:`SETTINGS`."""
+    path = Path(path) if path is not None else Path(__file__).resolve().parents[1] / "configs" / "animation.yaml"
+    path.write_text(render_yaml(), encoding="utf-8")
+    return path

@@ -3,7 +3,8 @@
 Users already have that tree (``stable-diffusion-v1-5/``, ``sd-vae-ft-mse/``, ``MagicAnimate/``), often in the
 ``.bin`` format of the original repo, so we read it as is instead of inventing a new layout. Fetching only names
 exact files: the SD1.5 repo alone holds ~40 GB of variants (fp16, non-EMA, full ``.ckpt``) we never load.
-See pretrained/README.md for the tree and the sizes.
+The tree and the sizes are described in the repository's pretrained/README.md; messages describe the layout inline
+(:data:`EXPECTED_TREE`), since that file is not installed with the package.
 """
 
 from __future__ import annotations
@@ -76,8 +77,10 @@ _REQUIRED: tuple[tuple[str, tuple[tuple[str, ...], ...]], ...] = (
         "MagicAnimate/densepose_controlnet",
         (("config.json",), ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")),
     ),
-    ("MagicAnimate/temporal_attention", (("temporal_attention.ckpt",),)),
+    # A temporal_attention.safetensors beside (or instead of) the release's pickle is preferred by the loader.
+    ("MagicAnimate/temporal_attention", (("temporal_attention.safetensors", "temporal_attention.ckpt"),)),
 )
+PIECES: tuple[str, ...] = tuple(sub for sub, _ in _REQUIRED)
 
 # The layout in one line, for error messages (``.format(root=...)``).
 EXPECTED_TREE = (
@@ -85,7 +88,24 @@ EXPECTED_TREE = (
     "MagicAnimate/{{appearance_encoder,densepose_controlnet,temporal_attention/temporal_attention.ckpt}}}} "
     "or a folder written by `magicanimate convert`"
 )
-_HOWTO = "run 'magicanimate download --to {d}' while online, or copy the files into {d} following pretrained/README.md"
+
+
+def _howto(root: Path) -> str:
+    """What to do about missing weights under ``root``: fetch them, or (in offline mode) copy them in."""
+    layout = EXPECTED_TREE.format(root=root)
+    if is_offline():
+        return (
+            f"offline mode is set (HF_HUB_OFFLINE): copy the files into {root} ({layout}), or unset it and run "
+            f"'magicanimate download --to {root}'"
+        )
+    return f"run 'magicanimate download --to {root}', or copy the files into {root} ({layout})"
+
+
+def incomplete_tree_error(root: str | os.PathLike, missing: Iterable[str]) -> CheckpointError:
+    """The one message for a checkpoint tree that lacks pieces (``missing`` as :func:`missing_weights` names them,
+    or as paths for pieces given on their own), with what to do about it."""
+    root = Path(root)
+    return CheckpointError(f"incomplete checkpoint tree {root} (missing: {', '.join(missing)}); {_howto(root)}")
 
 
 def select_files(repo_key_or_id: str, filenames: Iterable[str]) -> list[str]:
@@ -109,20 +129,26 @@ def default_pretrained_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "magicanimate" / "pretrained"
 
 
-def missing_weights(root: str | os.PathLike) -> list[str]:
+def missing_weights(root: str | os.PathLike, locations: dict[str, str | os.PathLike] | None = None) -> list[str]:
     """Human-readable names of the required pieces absent from ``root`` ([] when the tree is complete).
 
     A wholly absent piece is named by its folder (``stable-diffusion-v1-5/unet``); a partial one by its missing
-    files (``MagicAnimate/appearance_encoder/config.json``), ``a|b`` where either format will do.
+    files (``MagicAnimate/appearance_encoder/config.json``), ``a|b`` where either format will do. ``locations``
+    maps a piece (a name of :data:`PIECES`) to the folder it is read from instead of ``root / piece`` (a piece
+    given on its own); such a piece is named by that folder's path.
     """
     root = Path(root)
+    locations = {key: Path(value) for key, value in (locations or {}).items()}
     missing: list[str] = []
     for sub, files in _REQUIRED:
-        absent = [alts for alts in files if not any((root / sub / a).is_file() for a in alts)]
+        folder = locations.get(sub, root / sub)
+        name = str(folder) if sub in locations else sub
+        # Present (even as a folder, a broken link or an LFS pointer) is not missing: the loaders name such a file.
+        absent = [alts for alts in files if not any(os.path.lexists(folder / a) for a in alts)]
         if len(absent) == len(files):
-            missing.append(sub)
+            missing.append(name)
         else:
-            missing.extend(f"{sub}/{'|'.join(alts)}" for alts in absent)
+            missing.extend(f"{name}/{'|'.join(alts)}" for alts in absent)
     return missing
 
 
@@ -156,13 +182,13 @@ def download_weights(to: str | os.PathLike | None = None, *, token: str | None =
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     root = Path(to).expanduser() if to is not None else default_pretrained_dir()
-    howto = _HOWTO.format(d=root)
+    howto = _howto(root)
     for key, source in HUB_SOURCES.items():
         if not _missing_in(root, key):
             continue
         what = f"{key} ({source.repo_id})"
         if is_offline():
-            raise CheckpointError(f"cannot fetch {what}: offline mode (HF_HUB_OFFLINE) is set; {howto}")
+            raise CheckpointError(f"cannot fetch {what}: {howto}")
         print(f"magicanimate: fetching {what} into {root / key}", file=sys.stderr, flush=True)
         try:
             huggingface_hub.snapshot_download(
@@ -202,7 +228,4 @@ def ensure_weights(root: str | os.PathLike | None = None, *, download: bool = Tr
         return root
     if download:
         return download_weights(root)
-    raise CheckpointError(
-        f"pretrained weights incomplete in {root} (missing: {', '.join(missing)}); "
-        f"run 'magicanimate download --to {root}' or pass --pretrained DIR"
-    )
+    raise incomplete_tree_error(root, missing)

@@ -30,6 +30,28 @@ TINY_STEPS = 2
 TINY_FRAMES = 16
 TINY_SIZE = 64
 
+# Tolerance for frames (floats in [0, 1]) of one tiny run computed along two code paths that agree up to float32
+# rounding: different loading paths, memory layouts, batch sizes or CPUs. Measured on the tiny run (16 frames, 64 px,
+# 2 steps, guidance 7.5): float32 deviates from the same run in float64 by at most 4.0e-6 with AVX-512 kernels and
+# 6.2e-6 with AVX2 dispatch forced (ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2); float32 AVX-512 vs AVX2
+# runs differ by 7.6e-6 (an AMD EPYC saw 7.4e-6 between two loading paths). About 5x the larger float32-vs-float64
+# deviation:
+FRAME_ATOL = 3e-5
+# uint8 frames (round(255 x)) of such runs: a value moves by at most one level, and only where a rounding boundary
+# lies within 255 * FRAME_ATOL of it, i.e. (for fractional parts spread evenly) for at most that fraction of values.
+UINT8_FLIP_FRACTION = 255 * FRAME_ATOL
+
+
+def assert_frames_close(actual: np.ndarray, expected: np.ndarray) -> None:
+    """``actual`` equals ``expected`` up to float32 rounding (see :data:`FRAME_ATOL`)."""
+    assert actual.shape == expected.shape and actual.dtype == expected.dtype
+    if actual.dtype == np.uint8:
+        difference = np.abs(actual.astype(np.int16) - expected.astype(np.int16))
+        assert difference.max() <= 1, f"uint8 frames differ by up to {difference.max()} levels"
+        assert (difference > 0).mean() <= UINT8_FLIP_FRACTION, f"{(difference > 0).mean():.3%} of values differ"
+    else:
+        np.testing.assert_allclose(actual, expected, rtol=0, atol=FRAME_ATOL)
+
 
 def parity_dir() -> Path:
     if not PARITY.is_dir():

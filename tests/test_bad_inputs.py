@@ -2,15 +2,20 @@
 
 Every case asserts the exit code (2 input/usage, 3 checkpoints, 4 resources), that stderr is exactly one
 ``error: ...`` line without a traceback, and that no output (nor a hidden partial file) is left behind. Cases that
-fail before any model loads take well under a second; the checkpoint cases copy the tiny tree and break one file.
+fail before any model loads take well under a second (they are given a checkpoint folder that does not exist, so a
+check that came after loading would end in exit 3 instead, and each must finish within :data:`BEFORE_LOADING`
+seconds); the checkpoint cases copy the tiny tree and break one file.
 """
 
+import errno
 import os
 import re
 import shutil
 import subprocess
 import sys
+import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from fractions import Fraction
 from pathlib import Path
 
@@ -19,6 +24,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_io import LFS_POINTER, permission_bits_apply, read_only_folder, resizing_video, small_disk
 from tiny_models import make_motion, make_reference
 
 from magicanimate.io import load_image, write_video
@@ -26,26 +32,55 @@ from magicanimate.io import load_image, write_video
 CKPT = Path("MagicAnimate/temporal_attention/temporal_attention.ckpt")
 VAE_WEIGHTS = Path("sd-vae-ft-mse/diffusion_pytorch_model.safetensors")
 FAST = ["--steps", "1", "--size", "64", "--device", "cpu", "--dtype", "float32", "--context-frames", "8"]
+# A run refused before any model loads takes about a second (Python, the CLI's imports, reading the inputs); one that
+# loads even the tiny models takes longer on a busy machine, and one that loads the real ones far longer.
+BEFORE_LOADING = 20.0
 
 
-def run_cli(*args):
+def run_cli(*args, preexec_fn=None):
+    """The real command line in a subprocess; ``result.seconds`` is how long it took."""
     environment = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "magicanimate", *map(str, args)]
-    return subprocess.run(command, capture_output=True, text=True, env=environment, timeout=300)
+    start = time.monotonic()
+    result = subprocess.run(
+        command, capture_output=True, text=True, env=environment, timeout=300, preexec_fn=preexec_fn
+    )
+    result.seconds = time.monotonic() - start
+    return result
 
 
-def assert_one_error_line(result, exit_code: int, *fragments: str):
-    lines = result.stderr.strip().splitlines()
+PROGRESS_LINES = ("animating ", "loading the models from ", "models loaded in ")
+
+
+def assert_one_error_line(result, exit_code: int, *fragments: str, progress: bool = False):
+    """Exit code, one ``error:`` line (the only line of stderr, or with ``progress`` the last one after the run's
+    progress output), no traceback, and every fragment in that line."""
+    # The plan and model-loading lines (the library's progress, told before long work) may precede the error.
+    lines = [line for line in result.stderr.strip().splitlines() if not line.startswith(PROGRESS_LINES)]
     assert result.returncode == exit_code, result.stderr
+    if progress:
+        assert lines and lines[-1].startswith("error: "), result.stderr
+        assert sum(line.startswith("error: ") for line in lines) == 1, result.stderr
+        lines = lines[-1:]
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     assert "Traceback" not in result.stderr
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
+    return lines[0]
+
+
+def assert_before_loading(result):
+    assert result.seconds < BEFORE_LOADING, f"took {result.seconds:.1f} s: refused only after loading models?"
 
 
 def assert_nothing_written(output: Path):
     assert not output.exists(), f"{output} was written"
-    assert not [p for p in output.parent.glob(f".{output.name}*")], "a partial file was left behind"
+    assert_no_partials(output.parent)
+
+
+def assert_no_partials(folder: Path):
+    leftovers = [p.name for p in folder.glob(".*")] if folder.is_dir() else []
+    assert not leftovers, f"temporary files were left behind in {folder}: {leftovers}"
 
 
 # ------------------------------------------------------------------------------------------------ inputs
@@ -127,14 +162,36 @@ def _tiny_image(tmp: Path) -> Path:
     return tmp / "tiny.png"
 
 
+def _folder_named(name: str):
+    def make(tmp: Path) -> Path:
+        return _mkdir(tmp / name)
+
+    return make
+
+
+def _resizing_motion(tmp: Path) -> Path:
+    """A DensePose-like motion whose frames become smaller after frame 4 (two clips joined in MPEG-TS)."""
+    return resizing_video(tmp / "joined.ts", make_motion(4, 64), make_motion(4, 48, seed=1))
+
+
 INPUT_CASES = [
     ("image-is-text", _image(_write("reference.png", b"this is not an image\n")), 2, ["cannot read image"]),
-    ("image-zero-bytes", _image(_write("reference.png", b"")), 2, ["cannot read image"]),
+    ("image-zero-bytes", _image(_write("reference.png", b"")), 2, ["is empty (0 bytes)", "reference.png"]),
+    ("image-is-folder", _image(_folder_named("reference.png")), 2, ["is a folder", "reference.png"]),
+    ("image-lfs-pointer", _image(_write("reference.png", LFS_POINTER)), 2, ["Git LFS pointer", "git lfs pull"]),
     ("image-truncated", _image(lambda tmp: _write("reference.png", _png_bytes()[:300])(tmp)), 2, ["cannot read"]),
     ("image-4x4", _image(_tiny_image), 2, ["too small", "4x4"]),
     ("image-missing", lambda tmp, good: {"--reference": tmp / "nope.png"}, 2, ["not found", "nope.png"]),
     ("video-is-text", _video(_write("motion.mp4", b"not a video at all\n" * 10)), 2, ["cannot read video"]),
-    ("video-zero-bytes", _video(_write("motion.mp4", b"")), 2, ["cannot read video"]),
+    ("video-zero-bytes", _video(_write("motion.mp4", b"")), 2, ["is empty (0 bytes)", "motion.mp4"]),
+    ("video-is-folder", _video(_folder_named("motion.mp4")), 2, ["is a folder", "motion.mp4"]),
+    ("video-lfs-pointer", _video(_write("motion.mp4", LFS_POINTER)), 2, ["Git LFS pointer", "motion.mp4"]),
+    (
+        "video-size-changes-mid-stream",
+        _video(_resizing_motion),
+        2,
+        ["joined.ts", "changes mid-stream", "frame 4 is 48x48", "frame 0 is 64x64"],
+    ),
     (
         "video-truncated",
         _video(lambda tmp, good: _write("motion.mp4", good["motion"].read_bytes()[:200])(tmp)),
@@ -146,6 +203,14 @@ INPUT_CASES = [
     ("video-not-densepose", _video(lambda tmp: _photo_video(tmp / "dance.mp4")), 2, ["--driving", "dance.mp4"]),
     ("setting-unknown", lambda tmp, good: {"--config": _yaml(tmp, "stepz: 3\n")}, 2, ["stepz"]),
     ("setting-wrong-type", lambda tmp, good: {"--config": _yaml(tmp, "guidance_scale: lots\n")}, 2, ["guidance_scale"]),
+    (
+        "config-malformed",
+        lambda tmp, good: {"--config": _yaml(tmp, "steps: 3\nseed: 1\nguidance_scale: 7.5: 2\n")},
+        2,
+        ["settings.yaml", "line 3"],
+    ),
+    ("config-a-list", lambda tmp, good: {"--config": _yaml(tmp, "- steps\n- 3\n")}, 2, ["settings.yaml", "mapping"]),
+    ("config-a-string", lambda tmp, good: {"--config": _yaml(tmp, "steps 3\n")}, 2, ["settings.yaml", "mapping"]),
     ("overlap-too-big", lambda tmp, good: {"--context-overlap": 8}, 2, ["context_overlap"]),
     ("dtype-bad", lambda tmp, good: {"--dtype": "float8"}, 2, ["float8"]),
     ("steps-zero", lambda tmp, good: {"--steps": 0}, 2, ["steps"]),
@@ -164,7 +229,9 @@ def _mkdir(path: Path) -> Path:
     return path
 
 
-def _arguments(changes: dict, good: dict, output: Path, pretrained) -> list:
+def _arguments(changes: dict, good: dict, output: Path, pretrained, without: tuple[str, ...] = ()) -> list:
+    """The ``animate`` command line: the good inputs with ``changes``, and the FAST flags that are not changed or
+    named in ``without`` (a flag would win over the same key in a --config file)."""
     values = {"--reference": good["reference"], "--motion": good["motion"], "-o": output, "--pretrained": pretrained}
     values.update(changes)
     arguments = ["animate"]
@@ -172,7 +239,7 @@ def _arguments(changes: dict, good: dict, output: Path, pretrained) -> list:
         arguments += [flag, value]
     fast = dict(zip(FAST[::2], FAST[1::2], strict=True))
     for flag, value in fast.items():
-        if flag not in changes:
+        if flag not in changes and flag not in without:
             arguments += [flag, value]
     return arguments
 
@@ -186,6 +253,7 @@ def test_bad_input_is_one_line(case, good, tmp_path):
     output = Path(changes.get("-o", output))
     result = run_cli(*_arguments(changes, good, output, tmp_path / "no-weights-needed"))
     assert_one_error_line(result, exit_code, *fragments)
+    assert_before_loading(result)
     assert_nothing_written(output)
 
 
@@ -212,6 +280,190 @@ def test_overwrite_flag_reaches_the_models(good, tmp_path):
     result = run_cli(*_arguments({}, good, output, _mkdir(tmp_path / "weights")), "--overwrite")
     assert_one_error_line(result, 3, "missing")
     assert output.read_bytes() == b"an earlier result"  # a failed run never clobbers the earlier output
+
+
+# ------------------------------------------------------------------------------------------------ numeric settings
+
+BIG = str(2**64)  # one past the largest 64-bit unsigned integer
+BAD_NUMBERS = {
+    "fps": ["nan", "inf", "0", "-5", BIG],
+    "steps": ["nan", "inf", "0", "-1", "2.5", BIG],
+    "seed": ["nan", "inf", "-1", "1.5", BIG],
+    "decode_chunk_size": ["nan", "inf", "0", "-1", "2.5", BIG],
+    "context_batch_size": ["nan", "inf", "0", "-1", "2.5", BIG],
+    "guidance_scale": ["nan", "inf", "-1", BIG],
+    "eta": ["nan", "inf", "-1", BIG],
+}
+YAML_SPELLING = {"nan": ".nan", "inf": ".inf"}  # YAML's float literals; a bare `nan` would be a string
+SETTING_CASES = [
+    (key, value, source) for key, values in BAD_NUMBERS.items() for value in values for source in ("flag", "config")
+]
+
+
+@pytest.fixture(scope="module")
+def setting_runs(good, tmp_path_factory) -> dict:
+    """Every bad number, as a flag and in a --config file, run a few at a time (each is a fresh Python process)."""
+
+    def run(case):
+        key, value, source = case
+        folder = tmp_path_factory.mktemp(f"{key}-{source}")
+        output = folder / "out.mp4"
+        flag = "--" + key.replace("_", "-")
+        if source == "flag":
+            changes = {flag: value}
+        else:
+            changes = {"--config": _yaml(folder, f"{key}: {YAML_SPELLING.get(value, value)}\n")}
+        return run_cli(*_arguments(changes, good, output, folder / "no-weights-needed", without=(flag,))), output
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        return dict(zip(SETTING_CASES, pool.map(run, SETTING_CASES), strict=True))
+
+
+@pytest.mark.parametrize("case", SETTING_CASES, ids=[f"{key}={value}-{source}" for key, value, source in SETTING_CASES])
+def test_bad_number_is_a_setting_error(case, setting_runs, good):
+    """nan, inf, 0, negative, fractional where an integer is meant and beyond 64 bits: one line naming the setting
+    and the value, before anything loads, and never blamed on an input file."""
+    key, value, _ = case
+    result, output = setting_runs[case]
+    line = assert_one_error_line(result, 2, value)
+    assert key in line or "--" + key.replace("_", "-") in line, line
+    assert good["motion"].name not in line and good["reference"].name not in line, line
+    assert_before_loading(result)
+    assert_nothing_written(output)
+
+
+def test_negative_fps_is_blamed_on_the_setting_not_the_video(good, tmp_path):
+    output = tmp_path / "out.mp4"
+    result = run_cli(*_arguments({"--fps": "-5"}, good, output, tmp_path / "no-weights-needed"))
+    line = assert_one_error_line(result, 2, "fps", "-5")
+    assert "setting" in line or "--fps" in line, line
+    assert "motion.mp4" not in line and "video" not in line.lower(), line
+    assert_before_loading(result)
+    assert_nothing_written(output)
+
+
+def test_bogus_fusion_blocks_is_refused_before_loading(good, tiny_tree, tmp_path):
+    """A setting error (exit 2) at once, even with a complete checkpoint tree to load, not a checkpoint error."""
+    output = tmp_path / "out.mp4"
+    result = run_cli(*_arguments({"--fusion-blocks": "bogus"}, good, output, tiny_tree))
+    line = assert_one_error_line(result, 2, "bogus")
+    assert "fusion_blocks" in line or "--fusion-blocks" in line, line
+    assert_before_loading(result)
+    assert_nothing_written(output)
+
+
+def test_cuda_without_cuda_is_one_line_before_loading(good, tiny_tree, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here: --device cuda is a valid choice")
+    output = tmp_path / "out.mp4"
+    result = run_cli(*_arguments({"--device": "cuda"}, good, output, tiny_tree))
+    line = assert_one_error_line(result, 2)
+    assert "cuda" in line.lower() and "device" in line, line
+    assert_before_loading(result)
+    assert_nothing_written(output)
+
+
+# ------------------------------------------------------------------------------------------------ outputs
+
+
+@pytest.mark.parametrize("spelling", ["same-path", "same-path-overwrite", "symlink-overwrite"])
+def test_output_that_is_the_motion_is_refused(good, tmp_path, spelling):
+    """``-o`` naming the motion video (itself, or through a link) is refused even with --overwrite."""
+    motion = tmp_path / "motion.mp4"
+    shutil.copy(good["motion"], motion)
+    original = motion.read_bytes()
+    output = motion
+    if spelling.startswith("symlink"):
+        output = tmp_path / "alias.mp4"
+        output.symlink_to(motion)
+    extra = ["--overwrite"] if spelling.endswith("overwrite") else []
+    result = run_cli(*_arguments({"--motion": motion}, good, output, tmp_path / "no-weights-needed"), *extra)
+    assert_one_error_line(result, 2, "input", output.name)
+    assert_before_loading(result)
+    assert motion.read_bytes() == original, "the motion video was changed"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted({"motion.mp4", output.name})
+    assert_no_partials(tmp_path)
+
+
+@pytest.mark.parametrize("overwrite", [False, True], ids=["plain", "overwrite"])
+def test_output_that_is_a_folder_is_refused(good, tmp_path, overwrite):
+    output = _mkdir(tmp_path / "result.mp4")
+    (output / "keep.txt").write_text("keep me")
+    extra = ["--overwrite"] if overwrite else []
+    result = run_cli(*_arguments({}, good, output, tmp_path / "no-weights-needed"), *extra)
+    assert_one_error_line(result, 2, "folder", "result.mp4")
+    assert_before_loading(result)
+    assert [p.name for p in output.iterdir()] == ["keep.txt"] and (output / "keep.txt").read_text() == "keep me"
+    assert_no_partials(tmp_path)
+
+
+def test_output_under_a_file_is_refused(good, tmp_path):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("a file, not a folder")
+    output = notes / "out.mp4"
+    result = run_cli(*_arguments({}, good, output, tmp_path / "no-weights-needed"))
+    assert_one_error_line(result, 2, "notes.txt", "file")
+    assert_before_loading(result)
+    assert notes.read_text() == "a file, not a folder"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+@pytest.mark.parametrize("how", ["read-only-mount", "no-permission"])
+def test_output_on_a_read_only_location_is_refused(good, tmp_path, how):
+    """Permission bits do not stop root, so ``no-permission`` runs the CLI without root's override (as a normal
+    user it just is one); ``read-only-mount`` stops root too."""
+    if how == "no-permission":
+        preexec = permission_bits_apply(tmp_path)
+        folder = _mkdir(tmp_path / "locked")
+        folder.chmod(0o555)
+        output = folder / "out.mp4"
+        result = run_cli(*_arguments({}, good, output, tmp_path / "no-weights-needed"), preexec_fn=preexec)
+    else:
+        with read_only_folder(tmp_path / "locked") as folder:
+            output = folder / "out.mp4"
+            result = run_cli(*_arguments({}, good, output, tmp_path / "no-weights-needed"))
+    assert_one_error_line(result, 2, "cannot write", "locked")
+    assert_before_loading(result)
+    assert_nothing_written(output)
+
+
+@pytest.mark.parametrize("which", ["--reference", "--motion"])
+def test_unreadable_input_is_reported_as_such_not_as_corrupt(good, tmp_path, which):
+    preexec = permission_bits_apply(tmp_path)
+    source = good["reference"] if which == "--reference" else good["motion"]
+    unreadable = tmp_path / source.name
+    shutil.copy(source, unreadable)
+    unreadable.chmod(0)
+    output = tmp_path / "out" / "animation.mp4"
+    result = run_cli(*_arguments({which: unreadable}, good, output, tmp_path / "no-weights"), preexec_fn=preexec)
+    line = assert_one_error_line(result, 2, "permission denied", source.name)
+    assert "corrupt" not in line and "cannot read image" not in line and "cannot read video" not in line, line
+    assert_before_loading(result)
+    assert_nothing_written(output)
+
+
+def _fill(disk: Path) -> None:
+    """Write zeros into ``disk`` until it is full."""
+    descriptor = os.open(disk / "filler", os.O_WRONLY | os.O_CREAT)
+    try:
+        while True:
+            os.write(descriptor, bytes(65536))
+    except OSError as err:
+        assert err.errno == errno.ENOSPC, err
+    finally:
+        os.close(descriptor)
+
+
+def test_full_disk_is_exit_4_and_leaves_nothing(good, tiny_tree, tmp_path):
+    """A real run of the tiny models whose output lands on a full (tmpfs) disk (the GIF and PNG writers are tested
+    on a full disk in test_io.py)."""
+    with small_disk(tmp_path / "disk") as disk:
+        _fill(disk)
+        output = disk / "animation.mp4"
+        result = run_cli(*_arguments({}, good, output, tiny_tree))
+        assert_one_error_line(result, 4, "disk is full", "animation.mp4", progress=True)
+        assert_nothing_written(output)
+        assert [p.name for p in disk.iterdir()] == ["filler"]
 
 
 # ------------------------------------------------------------------------------------------------ checkpoints

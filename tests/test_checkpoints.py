@@ -5,15 +5,18 @@ import json
 import os
 import pickle
 import shutil
+import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 import safetensors.torch
 import torch
-from conftest import PARITY, TINY_FRAMES, TINY_STEPS, tiny_latents
+from conftest import PARITY, TINY_FRAMES, TINY_STEPS, assert_frames_close, tiny_latents
+from safetensors.torch import load_file
 
-from magicanimate.errors import CheckpointError
+from magicanimate.errors import CheckpointError, InputError
 from magicanimate.models.original_checkpoints import (
     APPEARANCE_ENCODER_DEAD_TAIL,
     load_appearance_encoder,
@@ -323,16 +326,8 @@ def test_tiny_tree_has_the_release_layout(tiny_tree):
 # ------------------------------------------------------------------------------------------------ save / load
 
 
-def test_save_pretrained_round_trip_gives_identical_frames(
-    tiny_pipe, tiny_baseline, reference_image, motion16, tmp_path
-):
-    from magicanimate import MagicAnimatePipeline
-
-    tiny_pipe.save_pretrained(tmp_path / "saved")
-    assert (tmp_path / "saved" / "model_index.json").is_file()
-    loaded = MagicAnimatePipeline.from_pretrained(tmp_path / "saved")
-    loaded.set_progress_bar_config(disable=True)
-    frames = loaded(
+def _run(pipe, reference_image, motion16):
+    return pipe(
         reference_image,
         motion16,
         num_inference_steps=TINY_STEPS,
@@ -340,4 +335,339 @@ def test_save_pretrained_round_trip_gives_identical_frames(
         latents=tiny_latents(TINY_FRAMES),
         output_type="np",
     ).frames
-    np.testing.assert_allclose(frames, tiny_baseline, rtol=0, atol=1e-6)
+
+
+def _file_mappings() -> list[tuple[int, int, str]]:
+    """``(start, end, path)`` of this process's memory mappings of files (Linux)."""
+    mappings = []
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[5].startswith("/"):
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            mappings.append((start, end, fields[5]))
+    return mappings
+
+
+def _tensors(model):
+    return [*model.named_parameters(), *model.named_buffers()]
+
+
+def _build(pipe) -> dict:
+    """What a loading path decides besides the weights' values, per component: module classes, attention
+    processors, transformers' attention implementation, and every tensor's dtype, shape, strides, requires_grad."""
+    built = {}
+    for name, component in pipe.components.items():
+        if not isinstance(component, torch.nn.Module):
+            built[name] = type(component).__name__
+            continue
+        built[name] = {
+            "training": component.training,
+            "modules": {k: type(m).__name__ for k, m in component.named_modules()},
+            "processors": {k: type(p).__name__ for k, p in getattr(component, "attn_processors", {}).items()},
+            "attn_implementation": getattr(getattr(component, "config", None), "_attn_implementation", None),
+            "tensors": {
+                k: (t.dtype, tuple(t.shape), t.stride(), t.is_contiguous(), t.requires_grad)
+                for k, t in _tensors(component)
+            },
+        }
+    return built
+
+
+def _assert_same_weights(loaded, original):
+    for name, component in original.components.items():
+        if isinstance(component, torch.nn.Module):
+            ours, theirs = component.state_dict(), loaded.components[name].state_dict()
+            assert set(ours) == set(theirs), name
+            for key, value in ours.items():
+                assert theirs[key].dtype == value.dtype and torch.equal(theirs[key], value), f"{name}: {key}"
+
+
+def _assert_owned_aligned_memory(pipe, files_under: Path):
+    """Every tensor in memory of its own: 64-byte aligned (torch's allocator), not a view of a checkpoint file."""
+    mapped = [(start, end, path) for start, end, path in _file_mappings() if path.startswith(str(files_under))]
+    for name, component in pipe.components.items():
+        if isinstance(component, torch.nn.Module):
+            for key, tensor in _tensors(component):
+                assert tensor.data_ptr() % 64 == 0, f"{name}.{key} is not 64-byte aligned"
+                hits = [path for start, end, path in mapped if start <= tensor.data_ptr() < end]
+                assert not hits, f"{name}.{key} still lives in the memory-mapped file {hits[0]}"
+
+
+@pytest.fixture(scope="module")
+def saved_tree(tiny_pipe, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("saved") / "saved"
+    tiny_pipe.save_pretrained(folder)
+    return folder
+
+
+def test_save_pretrained_round_trip_keeps_weights_and_frames(
+    tiny_pipe, tiny_baseline, saved_tree, reference_image, motion16
+):
+    """Weights come back exactly; frames agree up to float32 rounding (FRAME_ATOL, measured: see conftest)."""
+    from magicanimate import MagicAnimatePipeline
+
+    assert (saved_tree / "model_index.json").is_file()
+    loaded = MagicAnimatePipeline.from_pretrained(saved_tree)
+    loaded.set_progress_bar_config(disable=True)
+    _assert_same_weights(loaded, tiny_pipe)
+    assert_frames_close(_run(loaded, reference_image, motion16), tiny_baseline)
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="needs Linux /proc/self/maps to see file mappings")
+def test_release_tree_and_saved_folder_build_the_same_models(tiny_tree, saved_tree):
+    """The two loading paths (our release-tree loader, diffusers' for a saved folder) build the same classes,
+    processors and tensor layouts, and leave no tensor in a memory-mapped checkpoint file, whose byte offsets
+    (hence alignment) differ between the two kinds of folder (BLAS kernels may round by alignment)."""
+    from magicanimate import MagicAnimatePipeline
+
+    from_tree = MagicAnimatePipeline.from_pretrained(tiny_tree)
+    from_saved = MagicAnimatePipeline.from_pretrained(saved_tree)
+    _assert_same_weights(from_saved, from_tree)
+    assert _build(from_saved) == _build(from_tree)
+    _assert_owned_aligned_memory(from_tree, tiny_tree)
+    _assert_owned_aligned_memory(from_saved, saved_tree)
+
+
+@pytest.mark.parametrize("alias", ["dtype", "torch_dtype"])
+def test_dtype_casts_both_kinds_of_folder_without_warnings(tiny_tree, saved_tree, alias, recwarn, capfd):
+    from magicanimate import MagicAnimatePipeline
+
+    warnings.simplefilter("always")
+    capfd.readouterr()
+    for folder in (tiny_tree, saved_tree):
+        pipe = MagicAnimatePipeline.from_pretrained(folder, **{alias: torch.float16})
+        for name, component in pipe.components.items():
+            if isinstance(component, torch.nn.Module):
+                dtypes = {t.dtype for _, t in _tensors(component) if t.is_floating_point()}
+                assert dtypes == {torch.float16}, (folder.name, name, dtypes)
+    assert [str(w.message) for w in recwarn] == []
+    err = capfd.readouterr().err
+    assert "float32" not in err and "deprecat" not in err.lower(), err
+
+
+def test_dtype_and_torch_dtype_must_agree(saved_tree):
+    from magicanimate import MagicAnimatePipeline
+
+    with pytest.raises(InputError, match="torch_dtype"):
+        MagicAnimatePipeline.from_pretrained(saved_tree, dtype=torch.float16, torch_dtype=torch.bfloat16)
+
+
+# ------------------------------------------------------------------------------------------------ converted folder
+
+
+def test_converted_folder_keeps_and_overrides_fusion_blocks(tiny_tree, tmp_path):
+    from magicanimate import MagicAnimatePipeline
+
+    full = MagicAnimatePipeline.from_pretrained(tiny_tree, fusion_blocks="full")
+    full.save_pretrained(tmp_path / "full")
+    assert len(full.reference_control.readers) == 16  # SD 1.5 topology: 16 fused layers, 10 for "midup"
+    kept = MagicAnimatePipeline.from_pretrained(tmp_path / "full")
+    assert kept.config.fusion_blocks == "full" and set(kept.reference_control.readers) == set(
+        full.reference_control.readers
+    )
+    midup = MagicAnimatePipeline.from_pretrained(tmp_path / "full", fusion_blocks="midup")
+    assert midup.config.fusion_blocks == "midup" and len(midup.reference_control.readers) == 10
+
+
+def _perturbed_copy(source: Path, target: Path, seed: int) -> dict[str, torch.Tensor]:
+    """A copy of a diffusers folder whose safetensors weights are all shifted by random offsets; returns them."""
+    shutil.copytree(source, target)
+    weights = target / "diffusion_pytorch_model.safetensors"
+    generator = torch.Generator().manual_seed(seed)
+    state = {k: (v + torch.randn(v.shape, generator=generator)).contiguous() for k, v in load_file(weights).items()}
+    safetensors.torch.save_file(state, weights)
+    return state
+
+
+def test_converted_folder_takes_standalone_pieces(tiny_tree, saved_tree, tmp_path):
+    from magicanimate import MagicAnimatePipeline
+
+    vae = _perturbed_copy(tiny_tree / "sd-vae-ft-mse", tmp_path / "vae", 1)
+    controlnet = _perturbed_copy(tiny_tree / "MagicAnimate/densepose_controlnet", tmp_path / "controlnet", 2)
+    appearance = _perturbed_copy(tiny_tree / "MagicAnimate/appearance_encoder", tmp_path / "appearance", 3)
+    pipe = MagicAnimatePipeline.from_pretrained(
+        saved_tree,
+        pretrained_vae_path=tmp_path / "vae",
+        pretrained_controlnet_path=tmp_path / "controlnet",
+        pretrained_appearance_encoder_path=tmp_path / "appearance",  # release format: without the dead tail
+    )
+    for component, expected in ((pipe.vae, vae), (pipe.controlnet, controlnet), (pipe.appearance_encoder, appearance)):
+        state = component.state_dict()
+        for key, value in expected.items():
+            assert torch.equal(state[key], value), key
+    unchanged = MagicAnimatePipeline.from_pretrained(saved_tree)
+    for key, value in unchanged.unet.state_dict().items():
+        assert torch.equal(pipe.unet.state_dict()[key], value), key
+    assert pipe.reference_control.appearance_encoder is pipe.appearance_encoder
+
+
+@pytest.mark.parametrize(
+    "setting",
+    [
+        {"motion_only": True},
+        {"motion_module": "MagicAnimate/temporal_attention/temporal_attention.ckpt"},
+        {"pretrained_model_path": "stable-diffusion-v1-5"},
+    ],
+    ids=lambda setting: next(iter(setting)),
+)
+def test_converted_folder_refuses_settings_that_cannot_apply(tiny_tree, saved_tree, setting):
+    from magicanimate import MagicAnimatePipeline
+
+    name, value = next(iter(setting.items()))
+    value = tiny_tree / value if isinstance(value, str) else value
+    with pytest.raises(InputError) as info:
+        MagicAnimatePipeline.from_pretrained(saved_tree, **{name: value})
+    message = str(info.value)
+    assert name in message and "converted" in message and "\n" not in message, message
+
+
+# ------------------------------------------------------------------------------------------------ unusable files
+
+LFS_POINTER = (
+    "version https://git-lfs.github.com/spec/v1\n"
+    "oid sha256:4c4e6d81c8d7b1c3e0d2c6f5e1f3a2b4c5d6e7f8091a2b3c4d5e6f708192a3b4\nsize 5110000000\n"
+)
+# One weights file of each piece of the release tree, each read by a different loader.
+TREE_WEIGHTS = [
+    "MagicAnimate/temporal_attention/temporal_attention.ckpt",
+    "stable-diffusion-v1-5/unet/diffusion_pytorch_model.bin",
+    "stable-diffusion-v1-5/text_encoder/model.safetensors",
+    "sd-vae-ft-mse/diffusion_pytorch_model.safetensors",
+    "MagicAnimate/appearance_encoder/diffusion_pytorch_model.safetensors",
+    "MagicAnimate/densepose_controlnet/diffusion_pytorch_model.safetensors",
+]
+
+
+def _tree_with(tmp_path: Path, tiny_tree: Path, relative: str, write) -> Path:
+    """A tree of symlinks to ``tiny_tree`` in which ``relative``'s folder is a real copy and ``write(path)`` has
+    replaced (or removed) that file."""
+    piece = next(p for p in PIECES if relative.startswith(p + "/"))
+    root = _linked_tree(tmp_path / "tree", tiny_tree, omit=piece)
+    shutil.copytree(tiny_tree / piece, root / piece)
+    (root / relative).unlink(missing_ok=True)
+    write(root / relative)
+    return root
+
+
+def _one_line_error(root: Path, relative: str) -> str:
+    """The error of loading ``root`` in which ``relative`` is unusable, asserted to be one line."""
+    from magicanimate import MagicAnimatePipeline
+
+    # SD 1.5's UNet weights are only read when the temporal checkpoint's spatial weights are not taken.
+    kwargs = {"motion_only": True} if relative.startswith(str(SD_UNET)) else {}
+    with pytest.raises(CheckpointError) as info:
+        MagicAnimatePipeline.from_pretrained(root, **kwargs)
+    message = str(info.value)
+    assert "\n" not in message and "pretrained/README.md" not in message, message
+    return message
+
+
+@pytest.mark.parametrize("relative", TREE_WEIGHTS)
+def test_lfs_pointer_is_named_as_such(tiny_tree, tmp_path, relative):
+    root = _tree_with(tmp_path, tiny_tree, relative, lambda path: path.write_text(LFS_POINTER))
+    message = _one_line_error(root, relative)
+    assert "Git LFS pointer" in message and relative in message, message
+
+
+MALFORMED = {
+    "empty": lambda path: path.write_bytes(b""),
+    "random_bytes": lambda path: path.write_bytes(np.random.default_rng(0).bytes(4096)),
+    "truncated": lambda path: path.write_bytes(b"\x50\x4b\x03\x04" + bytes(600)),
+    "folder": lambda path: path.mkdir(),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(MALFORMED))
+@pytest.mark.parametrize("relative", TREE_WEIGHTS)
+def test_malformed_checkpoint_file_is_one_line(tiny_tree, tmp_path, relative, damage):
+    root = _tree_with(tmp_path, tiny_tree, relative, MALFORMED[damage])
+    message = _one_line_error(root, relative)
+    assert relative in message, message
+    expected = {"empty": "empty", "folder": "folder"}.get(damage, "damaged")
+    assert expected in message, message
+
+
+def test_malformed_config_is_one_line(tiny_tree, tmp_path):
+    root = _tree_with(tmp_path, tiny_tree, "sd-vae-ft-mse/config.json", lambda path: path.write_text("{not json"))
+    assert "sd-vae-ft-mse" in _one_line_error(root, "sd-vae-ft-mse/config.json")
+
+
+@pytest.mark.parametrize(
+    ("relative", "key"),
+    [
+        ("stable-diffusion-v1-5/text_encoder/pytorch_model.bin", "text_model.embeddings.token_embedding.weight"),
+        ("stable-diffusion-v1-5/unet/diffusion_pytorch_model.bin", "conv_in.weight"),
+        ("sd-vae-ft-mse/diffusion_pytorch_model.bin", "encoder.conv_in.weight"),
+        ("MagicAnimate/appearance_encoder/diffusion_pytorch_model.bin", "conv_in.weight"),
+        ("MagicAnimate/densepose_controlnet/diffusion_pytorch_model.bin", "conv_in.weight"),
+        ("MagicAnimate/temporal_attention/temporal_attention.ckpt", "conv_in.weight"),
+    ],
+)
+def test_code_running_pickle_anywhere_in_the_tree_is_refused(tiny_tree, tmp_path, relative, key):
+    """Each loader (ours, diffusers', transformers') sees a .bin only after our weights-only reader accepted it."""
+    marker = tmp_path / "pwned"
+    piece = next(p for p in PIECES if relative.startswith(p + "/"))
+    root = _linked_tree(tmp_path / "tree", tiny_tree, omit=piece)
+    shutil.copytree(tiny_tree / piece, root / piece, ignore=shutil.ignore_patterns("*.safetensors", "*.bin", "*.ckpt"))
+    torch.save({key: _WritesMarker(marker)}, root / relative)
+    message = _one_line_error(root, relative)
+    assert "would run code" in message and relative in message and "weights_only" not in message, message
+    assert not marker.exists(), "the checkpoint ran code"
+
+
+@pytest.fixture(scope="module")
+def world_readable_tree(tiny_tree):
+    """A copy of the tiny tree another user can read (pytest's own temporary folders are private to their owner)."""
+    root = Path(tempfile.mkdtemp(prefix="magicanimate-readable-"))
+    shutil.copytree(tiny_tree, root / "tree")
+    for path in [root, *root.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    yield root / "tree"
+    shutil.rmtree(root)
+
+
+def _load_as_unprivileged_user(root: Path) -> str:
+    """The error of ``from_pretrained(root)`` as this user, or as ``nobody`` when we are root (root may read any
+    file, so a permission check would pass): in a forked child, which keeps the modules already imported."""
+    import magicanimate.pipelines  # noqa: F401 - imported before the fork: nobody cannot read our interpreter
+    from magicanimate import MagicAnimatePipeline
+
+    if os.geteuid() != 0:
+        with pytest.raises(CheckpointError) as info:
+            MagicAnimatePipeline.from_pretrained(root)
+        return str(info.value)
+    read_end, write_end = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - runs in the child
+        os.close(read_end)
+        try:
+            os.setgid(65534)
+            os.setuid(65534)
+            MagicAnimatePipeline.from_pretrained(root)
+            result = "loaded"
+        except CheckpointError as err:
+            result = f"CheckpointError: {err}"
+        except BaseException as err:  # noqa: BLE001 - reported to the parent
+            result = f"{type(err).__name__}: {err}"
+        os.write(write_end, result.encode())
+        os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        result = pipe.read().decode()
+    os.waitpid(child, 0)
+    assert result.startswith("CheckpointError: "), result
+    return result.removeprefix("CheckpointError: ")
+
+
+@pytest.mark.parametrize(
+    "relative", ["sd-vae-ft-mse/diffusion_pytorch_model.safetensors", "stable-diffusion-v1-5/unet/config.json"]
+)
+def test_unreadable_file_is_a_permission_problem_not_corruption(world_readable_tree, relative):
+    path = world_readable_tree / relative
+    path.chmod(0o600 if os.geteuid() == 0 else 0o000)  # root owns it: nobody may not read it
+    try:
+        message = _load_as_unprivileged_user(world_readable_tree)
+    finally:
+        path.chmod(0o644)
+    assert "permission denied" in message and relative in message, message
+    assert "damaged" not in message and "corrupt" not in message, message

@@ -16,16 +16,20 @@ import torch
 
 from magicanimate.densepose import (
     LUT,
+    MOTION_PALETTE_SHARE,
     Person,
     TorchScriptExtractor,
+    check_motion,
     command,
     crop_windows,
+    densepose_share,
     extract_motion,
     flip_rate,
     frame_labels,
     hold_last,
     iter_frames,
     labels_to_rgb,
+    looks_like_densepose,
     majority_filter,
     nearest_labels,
     palette_share,
@@ -33,12 +37,13 @@ from magicanimate.densepose import (
     resample_indices,
     resize_labels,
     resolve_model_path,
+    sample_video,
     select_persons,
 )
 from magicanimate.densepose.align import box_alignment, transform_box
 from magicanimate.densepose.extractor import HUB_REPO, MODEL_ENV, chart_to_labels
 from magicanimate.errors import CheckpointError, InputError
-from magicanimate.io import write_video
+from magicanimate.io import read_video, write_video
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 SAMPLES = SHARED / "samples" / "densepose"
@@ -130,6 +135,18 @@ def walking_video(path: Path, frames=30, fps=30.0, blank=()) -> Path:
     return write_video(path, clip, fps=fps)
 
 
+def faint_densepose(frames: int = 8, size: int = 64) -> np.ndarray:
+    """A small DensePose clip with a grey caption band over a third of it: after H.264 about 0.6 of its pixels are
+    on the palette, under the 0.8 that `batch` once asked for and over the 0.5 that `animate` accepts."""
+    labels = np.zeros((frames, size, size), np.uint8)
+    for t in range(frames):
+        labels[t, size // 3 :, size // 4 + t : size // 2 + t] = 2 + t % 20
+        labels[t, size // 2 :, size // 2 + t : 3 * size // 4 + t] = 7
+    clip = labels_to_rgb(labels)
+    clip[:, : size // 3] = 128
+    return clip
+
+
 def foreground_box(labels: np.ndarray) -> np.ndarray:
     ys, xs = np.nonzero(labels)
     return np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], float)
@@ -179,6 +196,42 @@ def test_palette_share_separates_densepose_from_photos():
     skeleton = np.zeros((64, 64, 3), np.uint8)  # an OpenPose-style image: coloured limbs on black
     skeleton[10:50, 30:33], skeleton[20:23, 10:50] = (255, 0, 0), (0, 255, 255)
     assert palette_share(skeleton) < 0.3
+
+
+def test_one_densepose_threshold_for_every_caller(tmp_path):
+    """`looks_like_densepose` (batch, demo) and `check_motion` (animate) give one verdict for every clip: a faint
+    small DensePose clip is accepted by both, a photo-like clip refused by both, at any mix in between alike."""
+    faint = write_video(tmp_path / "faint.mp4", faint_densepose(), fps=25)
+    frames, _ = read_video(faint)
+    assert MOTION_PALETTE_SHARE <= densepose_share(frames) < 0.8
+    assert looks_like_densepose(frames)
+    check_motion(frames, "faint.mp4")
+    y, x = np.mgrid[0:64, 0:64]
+    photo = np.clip(np.stack([x * 4, y * 4, (x + y) * 2], -1), 0, 255).astype(np.uint8)
+    for covered in np.linspace(0, 1, 11):  # the share of each frame painted as DensePose
+        clip = np.repeat(photo[None], 4, axis=0)
+        clip[:, : round(64 * covered)] = labels_to_rgb(np.full((round(64 * covered), 64), 5, np.uint8))
+        try:
+            check_motion(clip)
+            accepted = True
+        except InputError as err:
+            assert "is not a DensePose video" in str(err) and "--driving" in str(err)
+            accepted = False
+        assert accepted == looks_like_densepose(clip) == (densepose_share(clip) >= MOTION_PALETTE_SHARE), covered
+
+
+def test_sample_video_reads_what_the_check_looks_at(tmp_path):
+    """Decoding only the sampled frames of a file gives the verdict (and share) of the whole decoded clip."""
+    clip = np.concatenate([faint_densepose(20), np.zeros((20, 64, 64, 3), np.uint8)])  # DensePose, then black
+    path = write_video(tmp_path / "clip.mp4", clip, fps=25)
+    frames, _ = read_video(path)
+    assert densepose_share(sample_video(path)) == densepose_share(frames)
+    assert len(sample_video(path)) == 8
+    first, _ = read_video(path, max_frames=12)
+    assert densepose_share(sample_video(path, max_frames=12)) == densepose_share(first)
+    assert looks_like_densepose(first) and not looks_like_densepose(frames)  # the black half counts
+    with pytest.raises(InputError, match="not found"):
+        sample_video(tmp_path / "missing.mp4")
 
 
 # ----------------------------------------------------------------------------------------------------- render
@@ -423,8 +476,11 @@ def test_command_run_writes_playable_h264(stand_in, tmp_path, capsys):
     missing = parser.parse_args(["densepose", str(tmp_path / "nope.mp4"), "-o", str(output), "--model", str(stand_in)])
     with pytest.raises(InputError, match="not found"):
         command.run(missing)
-    with pytest.raises(SystemExit):
-        parser.parse_args(["densepose", str(video), "-o", str(output), "--reference-box", "1,2,3"])
+    for flags, message in ((["--reference-box", "1,2,3"], "--reference-box must be"), (["--size", "7"], "--size")):
+        bad = parser.parse_args(["densepose", str(video), "-o", str(tmp_path / "m.mp4"), *flags])
+        with pytest.raises(InputError, match=message):
+            command.run(bad)
+    assert not (tmp_path / "m.mp4").exists()
 
 
 def test_no_person_is_a_clear_error(stand_in, tmp_path):

@@ -13,7 +13,14 @@ import torch
 from conftest import TINY_SIZE, tiny_latents
 from tiny_models import make_motion
 
-from magicanimate.pipelines.context_windows import context_windows, fusion_weights
+from magicanimate.pipelines.context_windows import (
+    CONTEXT_SCHEDULES,
+    FUSION_WEIGHTS,
+    context_windows,
+    fusion_weights,
+    register_context_schedule,
+    sliding_windows,
+)
 
 
 def _run(pipe, reference, motion, **kwargs):
@@ -103,8 +110,8 @@ def test_sliding_equals_uniform_when_one_window_covers_the_clip(tiny_pipe, refer
 def test_motion_attention_bmm_gives_the_same_frames(tiny_tree, reference_image, motion16):
     from conftest import load_tiny_pipeline
 
-    from magicanimate.api import apply_speed_settings
-    from magicanimate.config import load_config
+    from magicanimate.loading import apply_speed_settings
+    from magicanimate.settings import load_config
 
     pipe = load_tiny_pipeline(tiny_tree)
     sdpa = _run(pipe, reference_image, motion16)
@@ -112,3 +119,20 @@ def test_motion_attention_bmm_gives_the_same_frames(tiny_tree, reference_image, 
     kinds = {type(p).__name__ for name, p in pipe.unet.attn_processors.items() if "motion_modules" in name}
     assert kinds == {"AttnProcessor"}
     np.testing.assert_allclose(_run(pipe, reference_image, motion16), sdpa, rtol=0, atol=1e-5)
+
+
+def test_a_registered_schedule_drives_the_pipeline(tiny_pipe, reference_image, motion64):
+    """The pipeline looks schedules up by name: "sliding" registered again under another name (windows and weights)
+    gives the same computation, so the same bits; the same windows with equal weights give other frames."""
+    register_context_schedule("test-sliding", sliding_windows, FUSION_WEIGHTS["sliding"])
+    register_context_schedule("test-sliding-mean", sliding_windows)
+    try:
+        sliding = _run(tiny_pipe, reference_image, motion64, context_schedule="sliding")
+        renamed = _run(tiny_pipe, reference_image, motion64, context_schedule="test-sliding")
+        mean = _run(tiny_pipe, reference_image, motion64, context_schedule="test-sliding-mean")
+    finally:
+        for name in ("test-sliding", "test-sliding-mean"):
+            CONTEXT_SCHEDULES.pop(name)
+            FUSION_WEIGHTS.pop(name)
+    np.testing.assert_array_equal(renamed, sliding)
+    assert np.abs(mean - sliding).max() > 1e-3  # the ramp weights matter where windows overlap

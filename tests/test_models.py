@@ -13,7 +13,13 @@ from torch import nn
 from magicanimate.models.group_norms import CrossFrameGroupNorm, PerFrameGroupNorm
 from magicanimate.models.original_checkpoints import load_appearance_encoder, load_video_unet
 from magicanimate.models.reference_attention import ReferenceAttentionControl, reference_layer_names
-from magicanimate.pipelines.context_windows import context_windows
+from magicanimate.pipelines.context_windows import (
+    CONTEXT_SCHEDULES,
+    FUSION_WEIGHTS,
+    context_windows,
+    fusion_weights,
+    register_context_schedule,
+)
 
 MIDUP_BLOCKS = ["mid_block.attentions.0"] + [f"up_blocks.{i}.attentions.{j}" for i in (1, 2, 3) for j in (0, 1, 2)]
 DOWN_BLOCKS = [f"down_blocks.{i}.attentions.{j}" for i in (0, 1, 2) for j in (0, 1)]
@@ -380,6 +386,26 @@ def test_overlap_not_smaller_than_window_raises(schedule):
         context_windows(32, 16, 20, schedule)
 
 
-def test_unknown_schedule_raises():
-    with pytest.raises(ValueError):
-        context_windows(32, 16, 4, "random")
+def test_unknown_schedule_raises_listing_the_registered_ones():
+    from magicanimate.errors import InputError
+
+    for lookup in (lambda: context_windows(32, 16, 4, "random"), lambda: fusion_weights(16, "random")):
+        with pytest.raises(InputError, match="one of sliding, uniform, got 'random'"):
+            lookup()
+
+
+def test_a_registered_schedule_is_used_with_its_weights():
+    """A schedule added with register_context_schedule is what context_windows / fusion_weights return."""
+
+    def halves(num_frames, context_frames, context_overlap):
+        return [list(range(0, context_frames)), list(range(num_frames - context_frames, num_frames))]
+
+    register_context_schedule("test-halves", halves, lambda frames: [2.0] * frames)
+    try:
+        assert context_windows(40, 16, 4, "test-halves") == [list(range(16)), list(range(24, 40))]
+        assert context_windows(16, 16, 4, "test-halves") == [list(range(16))]  # one window covers the clip
+        assert fusion_weights(16, "test-halves") == [2.0] * 16
+    finally:
+        CONTEXT_SCHEDULES.pop("test-halves")
+        FUSION_WEIGHTS.pop("test-halves")
+    assert sorted(CONTEXT_SCHEDULES) == sorted(FUSION_WEIGHTS) == ["sliding", "uniform"]

@@ -270,3 +270,124 @@ def test_second_pipeline_on_shared_components_leaves_the_first_working(
     MagicAnimatePipeline(**first.components)
     frames = _run(first, reference_image, motion16, guidance_scale=7.5, latents=tiny_latents(TINY_FRAMES))
     np.testing.assert_allclose(frames, tiny_baseline, rtol=0, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------ checks, offload, stop
+
+
+class _ModelCalls:
+    """Counts forward calls of every model of a pipeline (observation only)."""
+
+    def __init__(self, pipe):
+        self.count = 0
+        models = [c for c in pipe.components.values() if isinstance(c, torch.nn.Module)]
+        self.handles = [m.register_forward_pre_hook(self._seen) for m in models]
+        self.handles.append(pipe.vae.encoder.register_forward_pre_hook(self._seen))  # vae.encode skips forward
+
+    def _seen(self, module, args):
+        self.count += 1
+
+    def remove(self):
+        for handle in self.handles:
+            handle.remove()
+
+
+BAD_ARGUMENTS = {
+    "output_type": ({"output_type": "jpg"}, "output_type must be one of np, pt, pil, latent"),
+    "steps": ({"num_inference_steps": 0}, "num_inference_steps"),
+    "guidance": ({"guidance_scale": float("nan")}, "guidance_scale"),
+    "height": ({"height": 0}, "height"),
+    "too-small": ({"width": 4}, "too small"),
+    "context-frames": ({"context_frames": 0}, "context_frames"),
+    "context-too-long": ({"context_frames": 32}, "at most 24"),
+    "overlap": ({"context_overlap": 16}, "context_overlap"),
+    "context-batch": ({"context_batch_size": 0}, "context_batch_size"),
+    "schedule": ({"context_schedule": "random"}, "one of sliding, uniform"),
+    "decode-chunk": ({"decode_chunk_size": 0}, "decode_chunk_size"),
+    "latents-shape": ({"latents": torch.zeros(1, 4, 16, 4, 4)}, r"latents must be .* \(1, 4, F, 8, 8\)"),
+    "latents-array": ({"latents": np.zeros((1, 4, 16, 8, 8))}, "latents must be a float tensor"),
+    "cfg-parallel": ({"cfg_parallel": True}, "distributed=True"),
+    "motion-dtype": ({"motion": np.zeros((4, 64, 64, 3), np.float32)}, "uint8"),
+    "motion-shape": ({"motion": np.zeros((4, 64, 64), np.uint8)}, "F x H x W x 3"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_ARGUMENTS))
+def test_bad_arguments_fail_in_one_line_before_any_model_runs(tiny_pipe, reference_image, motion16, case):
+    from magicanimate.errors import InputError
+
+    kwargs, message = BAD_ARGUMENTS[case]
+    kwargs = {"motion": motion16, **kwargs}
+    calls = _ModelCalls(tiny_pipe)
+    try:
+        with pytest.raises(InputError, match=message) as error:
+            tiny_pipe(reference_image, num_inference_steps=kwargs.pop("num_inference_steps", 1), **kwargs)
+    finally:
+        calls.remove()
+    assert calls.count == 0
+    assert "\n" not in str(error.value)
+
+
+def test_interrupt_stops_after_the_current_step_and_returns_its_latents(tiny_pipe, reference_image, motion16):
+    seen = []
+
+    def stop(pipe, step, timestep, tensors):
+        seen.append(tensors["latents"].clone())
+        pipe._interrupt = True
+        return tensors
+
+    spy = _UNetBatches(tiny_pipe.unet)
+    try:
+        latents = _run(
+            tiny_pipe,
+            reference_image,
+            motion16,
+            steps=3,
+            latents=tiny_latents(TINY_FRAMES),
+            output_type="latent",
+            callback_on_step_end=stop,
+        )
+        assert tiny_pipe.interrupt
+        _run(tiny_pipe, reference_image, motion16, steps=2, latents=tiny_latents(TINY_FRAMES), output_type="latent")
+    finally:
+        spy.handle.remove()
+    assert len(seen) == 1
+    torch.testing.assert_close(latents, seen[0], rtol=0, atol=0)  # the very tensor the callback saw
+    assert len(spy.batches) == 1 + 2  # one step, then a full 2-step call: the flag is reset per call
+    assert not tiny_pipe.interrupt
+
+
+@pytest.fixture(scope="module")
+def offloaded_pipe(tiny_tree):
+    pipe = load_tiny_pipeline(tiny_tree)
+    pipe.enable_model_cpu_offload(device="cpu")  # diffusers 0.42 accepts "cpu" (cpu:0) as the execution device
+    return pipe
+
+
+def test_model_cpu_offload_gives_the_plain_frames(offloaded_pipe, tiny_baseline, reference_image, motion16):
+    frames = _run(offloaded_pipe, reference_image, motion16, guidance_scale=7.5, latents=tiny_latents(TINY_FRAMES))
+    # Bit-identical by construction on a CPU: the accelerate hooks only move weights between "cpu" and "cpu:0", so
+    # every kernel runs on the same tensors as in the plain run (measured: 0).
+    np.testing.assert_array_equal(frames, tiny_baseline)
+
+
+@pytest.mark.parametrize("error", [RuntimeError, KeyboardInterrupt])
+def test_a_failing_step_clears_the_reference_and_frees_offloaded_models(
+    offloaded_pipe, tiny_baseline, reference_image, motion16, monkeypatch, error
+):
+    freed = []
+    free = offloaded_pipe.maybe_free_model_hooks  # diffusers' method, observed and still run
+    monkeypatch.setattr(offloaded_pipe, "maybe_free_model_hooks", lambda: (freed.append(True), free())[1])
+
+    def fail(pipe, step, timestep, tensors):
+        raise error("stopped")
+
+    with pytest.raises(error):
+        _run(offloaded_pipe, reference_image, motion16, latents=tiny_latents(TINY_FRAMES), callback_on_step_end=fail)
+    assert freed == [True]
+    control = offloaded_pipe.reference_control
+    assert all(writer.bank is None for writer in control.writers.values())
+    assert all(r.reference is None and r.conditional is None for r in control.readers.values())
+    monkeypatch.undo()
+    frames = _run(offloaded_pipe, reference_image, motion16, guidance_scale=7.5, latents=tiny_latents(TINY_FRAMES))
+    np.testing.assert_array_equal(frames, tiny_baseline)  # nothing left over: the same run as above, same bits

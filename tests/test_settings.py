@@ -29,7 +29,8 @@ NUMERIC = [s for s in SETTINGS if s.kind in (int, float)]
 
 def test_packaged_yaml_is_generated_from_the_schema():
     text = (ROOT / "configs" / "animation.yaml").read_text(encoding="utf-8")
-    assert text == render_yaml(), "configs/animation.yaml is stale: run python -c 'import magicanimate.settings as s; s.write_yaml()'"
+    stale = "configs/animation.yaml is stale: python -c 'import magicanimate.settings as s; s.write_yaml()'"
+    assert text == render_yaml(), stale
     assert yaml.safe_load(text) == {s.name: s.default for s in SETTINGS}
     assert dict(default_config()) == dict(load_config())
 
@@ -37,7 +38,8 @@ def test_packaged_yaml_is_generated_from_the_schema():
 def test_original_defaults():
     config = load_config()
     original = {"seed": 1, "steps": 25, "guidance_scale": 7.5, "size": 512, "context_frames": 16,
-                "context_overlap": 4, "fusion_blocks": "midup", "eta": 0.0, "controlnet_conditioning_scale": 1.0}  # fmt: skip
+                "context_overlap": 4, "fusion_blocks": "midup", "eta": 0.0,
+                "controlnet_conditioning_scale": 1.0}  # fmt: skip
     assert {key: config[key] for key in original} == original
 
 
@@ -61,6 +63,14 @@ def test_every_setting_is_a_flag_with_help_and_allowed_values():
     assert settings_from_args(args) == {"cfg_parallel": True, "steps": 3, "check_motion": False}
 
 
+def _yaml_scalar(value) -> str:
+    if isinstance(value, float) and math.isnan(value):
+        return ".nan"
+    if isinstance(value, float) and math.isinf(value):
+        return ".inf" if value > 0 else "-.inf"
+    return yaml.safe_dump(value).removesuffix("\n...\n").strip()
+
+
 @pytest.mark.parametrize("setting", NUMERIC, ids=lambda s: s.name)
 def test_numbers_out_of_range_are_refused_everywhere(setting, tmp_path):
     bad = [math.nan, math.inf, -math.inf, 2**64 + 1, -(2**64)]
@@ -79,8 +89,7 @@ def test_numbers_out_of_range_are_refused_everywhere(setting, tmp_path):
             load_config(**{setting.name: value})
         assert caught.value.key == setting.name and setting.name in str(caught.value)
         config_file = tmp_path / "bad.yaml"
-        config_file.write_text(yaml.safe_dump({setting.name: value}) if not isinstance(value, float) else
-                               f"{setting.name}: {'.nan' if math.isnan(value) else ('.inf' if value > 0 else '-.inf') if math.isinf(value) else value}\n")  # fmt: skip
+        config_file.write_text(f"{setting.name}: {_yaml_scalar(value)}\n")
         with pytest.raises(SettingError):
             load_config(config_file)
         if not isinstance(value, (bool, str)):  # on the command line "7" is simply 7

@@ -1,6 +1,7 @@
 """Fast tests of magicanimate.weights: hub file selection, tree checks, and clean failures without a network."""
 
 import errno
+import os
 import time
 from pathlib import Path
 
@@ -12,14 +13,14 @@ from magicanimate import weights
 from magicanimate.errors import CheckpointError, ResourceError
 from magicanimate.weights import (
     HUB_SOURCES,
+    PIECES,
     default_pretrained_dir,
     download_weights,
     ensure_weights,
+    incomplete_tree_error,
     missing_weights,
     select_files,
 )
-
-FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "reference-parity" / "pretrained"
 
 SD15_FILES = [
     ".gitattributes",
@@ -128,11 +129,47 @@ def test_missing_weights_empty_and_partial(tmp_path):
     assert missing_weights(tmp_path) == ALL_PIECES[1:]
 
 
-def test_missing_weights_fixture_tree_is_complete():
-    if not FIXTURE.is_dir():
-        pytest.skip(f"reference-parity fixture tree not found at {FIXTURE}")
-    assert missing_weights(FIXTURE) == []  # unet/text encoder there are .bin-only, as in the original repo
-    assert ensure_weights(FIXTURE, download=False) == FIXTURE
+def test_missing_weights_tiny_tree_is_complete(tiny_tree):
+    assert (tiny_tree / "stable-diffusion-v1-5/unet/diffusion_pytorch_model.bin").is_file()  # .bin, as the release
+    assert missing_weights(tiny_tree) == []
+    assert ensure_weights(tiny_tree, download=False) == tiny_tree
+
+
+def test_present_but_unusable_file_is_not_missing(tmp_path):
+    """A folder, a broken link or an LFS pointer where a file belongs is there: the loaders name what is wrong with
+    it (a download would not fix a folder in the way, and must not be suggested for a file that is present)."""
+    unet = tmp_path / "stable-diffusion-v1-5" / "unet"
+    unet.mkdir(parents=True)
+    (unet / "config.json").mkdir()
+    os.symlink(tmp_path / "gone", unet / "diffusion_pytorch_model.safetensors")
+    assert missing_weights(tmp_path) == ALL_PIECES[1:]
+
+
+def test_missing_weights_of_pieces_given_elsewhere(tiny_tree, tmp_path):
+    assert PIECES == tuple(ALL_PIECES)
+    vae = tmp_path / "my-vae"
+    assert missing_weights(tiny_tree, {"sd-vae-ft-mse": vae}) == [str(vae)]
+    vae.mkdir()
+    (vae / "config.json").write_text("{}")
+    assert missing_weights(tiny_tree, {"sd-vae-ft-mse": vae}) == [
+        f"{vae}/diffusion_pytorch_model.safetensors|diffusion_pytorch_model.bin"
+    ]
+    assert missing_weights(tiny_tree, {"sd-vae-ft-mse": tiny_tree / "sd-vae-ft-mse"}) == []
+
+
+@pytest.mark.parametrize("mode", ["online", "offline"])
+def test_incomplete_tree_error_says_what_to_do(mode, monkeypatch, tmp_path):
+    offline = mode == "offline"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1" if offline else "0")
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", offline)
+    error = incomplete_tree_error(tmp_path, ["sd-vae-ft-mse", "MagicAnimate/temporal_attention"])
+    message = str(error)
+    assert isinstance(error, CheckpointError) and error.exit_code == 3 and "\n" not in message
+    assert "sd-vae-ft-mse, MagicAnimate/temporal_attention" in message and str(tmp_path) in message
+    assert f"magicanimate download --to {tmp_path}" in message and "stable-diffusion-v1-5/" in message  # the layout
+    assert "pretrained/README.md" not in message and "while online" not in message
+    assert ("offline mode is set" in message) == offline, message
 
 
 @pytest.fixture
@@ -152,7 +189,8 @@ def test_ensure_weights_offline_fails_cleanly(offline, tmp_path):
     with pytest.raises(CheckpointError) as err:
         ensure_weights(tmp_path)
     _assert_one_line(err, tmp_path)
-    assert "stable-diffusion-v1-5" in str(err.value)
+    assert "stable-diffusion-v1-5" in str(err.value) and "offline mode is set" in str(err.value)
+    assert "while online" not in str(err.value) and "pretrained/README.md" not in str(err.value)
     with pytest.raises(CheckpointError) as err:
         ensure_weights(tmp_path, download=False)
     _assert_one_line(err, tmp_path)
@@ -168,10 +206,8 @@ def test_offline_detected_from_hub_constant_alone(monkeypatch, tmp_path):
         download_weights(tmp_path)
 
 
-def test_download_skips_complete_tree_without_network(offline):
-    if not FIXTURE.is_dir():
-        pytest.skip(f"reference-parity fixture tree not found at {FIXTURE}")
-    assert download_weights(FIXTURE) == FIXTURE
+def test_download_skips_complete_tree_without_network(offline, tiny_tree):
+    assert download_weights(tiny_tree) == tiny_tree
 
 
 @pytest.fixture

@@ -5,6 +5,7 @@ button is also the scripting endpoint ``/animate`` (see demo/README.md for a ``g
 logic itself (limits, scratch files, cancellation) is in :mod:`magicanimate.demo.runner`.
 """
 
+import logging
 import os
 import threading
 from pathlib import Path
@@ -12,13 +13,46 @@ from pathlib import Path
 import gradio as gr
 from omegaconf import DictConfig
 
-from ..config import load_config
-from ..errors import MagicAnimateError
-from .runner import Animator, Cancelled, Extractor, Limits, densepose_extractor
+from ..errors import InputError, MagicAnimateError, as_user_error
+from ..settings import BY_NAME, SettingError, load_config
+from .runner import Animator, Cancelled, Limits, densepose_extractor, request_settings
+
+log = logging.getLogger("magicanimate.demo")
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 VIDEO_SUFFIXES = (".mp4", ".webm", ".mov", ".gif")
 DRIVING_KINDS = [("Detect from its colours", "auto"), ("DensePose", "densepose"), ("Video of a person", "raw")]
+# The controls' labels, by the setting (and API parameter) they set: a refused value's message names both.
+LABELS = {
+    "steps": "Steps",
+    "guidance_scale": "Guidance",
+    "seed": "Seed",
+    "size": "Size (shorter side)",
+    "context_frames": "Window frames",
+    "context_overlap": "Window overlap",
+    "context_schedule": "Window schedule",
+    "max_frames": "Frames to use",
+}
+OUT_OF_MEMORY = "Out of memory: try a smaller size, fewer frames or fewer window frames."
+BUG = "Something went wrong inside the demo (a bug, not your input); the server's log has the details."
+
+
+def unchecked(component: gr.components.Component) -> gr.components.Component:
+    """Make ``component`` hand its value on as sent, for the settings schema to check (one message that names the
+    setting, the same rules as the CLI's) instead of Gradio: its bounds and choices checks do not say which control
+    they mean and log a traceback, and its integer rounding fails on ``nan`` with a bare "Error".
+
+    Done on the instance: a subclass of a Gradio component makes Gradio write a ``.pyi`` stub next to this module.
+    """
+    component.preprocess = lambda payload: payload
+    return component
+
+
+def setting_slider(name: str, value, *, high: float | None = None, step: float = 1, **kwargs) -> gr.Slider:
+    """A slider over the range the settings schema allows for ``name`` (capped at ``high``, a server limit)."""
+    setting = BY_NAME[name]
+    top = setting.high if high is None else min(setting.high, high)
+    return unchecked(gr.Slider(setting.low, top, value=value, step=step, label=LABELS[name], **kwargs))
 
 
 def find_examples(folder: str | Path | None) -> list[list[str]]:
@@ -34,13 +68,18 @@ def find_examples(folder: str | Path | None) -> list[list[str]]:
     return [[str(p), str(videos[p.stem])] for p in files if p.suffix.lower() in IMAGE_SUFFIXES and p.stem in videos]
 
 
-class _Stops:
-    """One Stop flag per browser session, so Stop only ever cancels the presser's own run."""
+class _Sessions:
+    """Per browser session: the Stop flag of its run (so Stop only ever cancels the presser's own run) and the
+    message of its last failed run (shown in the result column, where Gradio leaves a bare "Error")."""
+
+    MAX_FAILURES = 256  # scripts' sessions never collect theirs; the oldest are dropped
 
     def __init__(self):
         self._events: dict[str, threading.Event] = {}
+        self._failures: dict[str, str] = {}
 
     def start(self, session: str) -> threading.Event:
+        self._failures.pop(session, None)
         self._events[session] = event = threading.Event()
         return event
 
@@ -52,6 +91,32 @@ class _Stops:
         if self._events.get(session) is event:  # a newer run of the same session keeps its own flag
             del self._events[session]
 
+    def failed(self, session: str, message: str) -> None:
+        self._failures[session] = message
+        while len(self._failures) > self.MAX_FAILURES:
+            del self._failures[next(iter(self._failures))]
+
+    def failure(self, session: str) -> str | None:
+        return self._failures.pop(session, None)
+
+
+def shown_error(err: Exception) -> gr.Error:
+    """The message a failed request shows; it stays on screen until closed. A user error (a bad file or value, out
+    of memory) is logged as one line, a bug with its traceback (call this inside the ``except`` block)."""
+    error = as_user_error(err)
+    if error is None:
+        log.exception("a request failed")
+        return gr.Error(BUG, duration=None, print_exception=False)
+    if error is not err:  # out of memory: give the cached GPU memory back, so a smaller request can succeed
+        _free_memory()
+        message = OUT_OF_MEMORY
+    elif isinstance(error, SettingError) and error.key in LABELS:
+        message = f"{LABELS[error.key]}: {error}"
+    else:
+        message = str(error)
+    log.warning(f"request refused: {message}")
+    return gr.Error(message, duration=None, print_exception=False)
+
 
 def build_demo(
     pipeline,
@@ -59,17 +124,22 @@ def build_demo(
     *,
     examples: str | Path | None = None,
     limits: Limits | None = None,
-    extractor: Extractor | None = None,
+    extractor=None,
 ) -> tuple[gr.Blocks, Animator]:
-    """The demo's UI around a loaded ``pipeline``; ``defaults`` (animation.yaml settings) fill the controls.
+    """The demo's UI around a loaded ``pipeline``; ``defaults`` (validated settings) fill the controls, and every
+    request is checked against them and the server's ``limits``. ``extractor`` is a loaded DensePose model
+    (:func:`~magicanimate.demo.runner.densepose_extractor`) for videos of people.
 
     Returns the Blocks and its :class:`Animator`, whose ``close()`` deletes the demo's scratch files.
+
+    Raises:
+        SettingError: a default is beyond the server's limits (``--steps 500`` with the 100-step limit).
     """
-    config = defaults if defaults is not None else load_config()
-    animator = Animator(pipeline, limits, extractor)
-    limits = animator.limits
-    stops = _Stops()
+    limits = limits or Limits()
+    config = request_settings(defaults if defaults is not None else load_config(), limits)
     pairs = find_examples(examples)
+    animator = Animator(pipeline, limits, extractor)
+    sessions = _Sessions()
 
     def animate(
         reference_image,
@@ -78,9 +148,9 @@ def build_demo(
         guidance_scale,
         seed,
         size,
-        context_frames=int(config.context_frames),
-        context_overlap=int(config.context_overlap),
-        context_schedule=str(config.context_schedule),
+        context_frames=config.context_frames,
+        context_overlap=config.context_overlap,
+        context_schedule=config.context_schedule,
         max_frames=0,
         driving_kind="auto",
         grid=False,
@@ -88,58 +158,54 @@ def build_demo(
         request: gr.Request = None,
         progress=gr.Progress(),  # noqa: B008 - how Gradio injects its progress tracker
     ):
-        """Animate the reference image with the driving video; returns the animation (H.264 mp4)."""
+        """Animate the reference image with the driving video. Returns the animation (H.264 mp4), then the
+        3-panel grid and the DensePose used when ``grid`` and ``densepose_preview`` ask for them (else None)."""
         session = request.session_hash if request is not None else "api"
-        cancel = stops.start(session)
-        settings = {
-            "steps": int(steps),
-            "guidance_scale": float(guidance_scale),
-            "seed": int(seed),
-            "size": min(int(size), limits.max_size),
-            "context_frames": int(context_frames),
-            "context_overlap": int(context_overlap),
-            "context_schedule": str(context_schedule),
-        }
-
-        def report(desc, done, total):
-            progress((done, total), desc=desc, unit="steps")
-
+        cancel = sessions.start(session)
         try:
+            settings = request_settings(
+                config,
+                limits,
+                steps=steps,
+                guidance_scale=guidance_scale,
+                seed=seed,
+                size=size,
+                context_frames=context_frames,
+                context_overlap=context_overlap,
+                context_schedule=context_schedule,
+                max_frames=None if max_frames == 0 else max_frames,  # the slider's 0 means all frames
+            )
+            if not isinstance(grid, bool) or not isinstance(densepose_preview, bool):
+                raise InputError("grid and densepose_preview must be true or false")
             result = animator.run(
                 reference_image,
                 driving_video,
                 settings,
                 driving_kind=driving_kind,
-                max_frames=int(max_frames or 0),
-                grid=bool(grid),
-                preview=bool(densepose_preview),
-                progress=report,
+                grid=grid,
+                preview=densepose_preview,
+                progress=lambda stage, done, total, unit: progress((done, total), desc=stage, unit=unit),
                 warn=gr.Warning,
                 cancel=cancel,
             )
         except Cancelled:
-            raise gr.Error("Stopped.") from None
-        except MagicAnimateError as err:
-            raise gr.Error(str(err)) from None
+            log.info("a run was stopped")
+            sessions.failed(session, "Stopped.")
+            raise gr.Error("Stopped.", print_exception=False) from None
         except Exception as err:
-            if type(err).__name__ == "OutOfMemoryError" or isinstance(err, MemoryError):
-                _free_memory()
-                raise gr.Error("Out of memory: try a smaller size or fewer frames.") from None
-            raise
+            error = shown_error(err)
+            sessions.failed(session, error.message)
+            raise error from None
         finally:
-            stops.finish(session, cancel)
-        extras = {"grid": _path(result.grid), "preview": _path(result.preview)}
-        return str(result.animation), extras
-
-    def show_extras(extras):
-        extras = extras or {}
-        return (
-            gr.update(value=extras.get("grid"), visible=bool(extras.get("grid"))),
-            gr.update(value=extras.get("preview"), visible=bool(extras.get("preview"))),
-        )
+            sessions.finish(session, cancel)
+        return str(result.animation), _path(result.grid), _path(result.preview)
 
     def stop(request: gr.Request):
-        stops.stop(request.session_hash)
+        sessions.stop(request.session_hash)
+
+    def show_failure(request: gr.Request):
+        message = sessions.failure(request.session_hash)
+        return gr.update(value=f"**Not animated.** {message}" if message else "", visible=bool(message))
 
     with gr.Blocks(title="MagicAnimate", analytics_enabled=False, delete_cache=(600, 3600)) as demo:
         driving_hint = "a DensePose video or a video of a person" if extractor else "a DensePose video"
@@ -151,22 +217,24 @@ def build_demo(
             with gr.Column():
                 reference = gr.Image(label="Reference image", type="pil", image_mode="RGB", sources=["upload"])
                 driving = gr.Video(label="Driving video", sources=["upload"], include_audio=True)
-                kind = gr.Radio(DRIVING_KINDS, value="auto", label="Driving video is")
+                kind = unchecked(gr.Radio(DRIVING_KINDS, value="auto", label="Driving video is"))
                 with gr.Row():
-                    steps = gr.Slider(1, 100, value=int(config.steps), step=1, label="Steps")
-                    guidance = gr.Slider(1.0, 15.0, value=float(config.guidance_scale), step=0.5, label="Guidance")
+                    steps = setting_slider("steps", config.steps, high=limits.max_steps)
+                    guidance = setting_slider("guidance_scale", config.guidance_scale, step=0.5)
                 with gr.Row():
-                    seed = gr.Number(value=int(config.seed), precision=0, label="Seed")
-                    size = gr.Slider(64, limits.max_size, value=min(int(config.size), limits.max_size), step=8,
-                                     label="Size (shorter side)")  # fmt: skip
+                    seed = unchecked(gr.Number(value=config.seed, precision=0, label=LABELS["seed"]))
+                    size = setting_slider("size", config.size, high=limits.max_size, step=8)
                 with gr.Accordion("Advanced: sliding windows", open=False):
-                    context_frames = gr.Slider(4, 32, value=int(config.context_frames), step=1, label="Window frames")
-                    context_overlap = gr.Slider(0, 16, value=int(config.context_overlap), step=1,
-                                                label="Window overlap")  # fmt: skip
-                    schedule = gr.Radio(["uniform", "sliding"], value=str(config.context_schedule),
-                                        label="Window schedule")  # fmt: skip
-                    max_frames = gr.Slider(0, limits.max_frames, value=0, step=1,
-                                           label=f"Frames to use (0 = all, at most {limits.max_frames})")  # fmt: skip
+                    context_frames = setting_slider("context_frames", config.context_frames)
+                    context_overlap = setting_slider("context_overlap", config.context_overlap)
+                    choices = list(BY_NAME["context_schedule"].choices)
+                    schedule = unchecked(
+                        gr.Radio(choices, value=config.context_schedule, label=LABELS["context_schedule"])
+                    )
+                    max_frames = unchecked(gr.Slider(
+                        0, limits.max_frames, value=0, step=1,
+                        label=f"{LABELS['max_frames']} (0 = all, at most {limits.max_frames})",
+                    ))  # fmt: skip
                 with gr.Row():
                     want_grid = gr.Checkbox(False, label="Also make the 3-panel grid")
                     want_preview = gr.Checkbox(False, label="Show the DensePose used")
@@ -174,19 +242,28 @@ def build_demo(
                     run_button = gr.Button("Animate", variant="primary")
                     stop_button = gr.Button("Stop", variant="stop")
             with gr.Column():
+                status = gr.Markdown(visible=False, elem_id="status")
                 animation = gr.Video(label="Animation", format="mp4", interactive=False, autoplay=True, loop=True)
                 grid_video = gr.Video(label="Reference | DensePose | animation", format="mp4", interactive=False,
                                       visible=False)  # fmt: skip
                 preview_video = gr.Video(label="DensePose", format="mp4", interactive=False, visible=False)
         if pairs:
             gr.Examples(pairs, inputs=[reference, driving], label="Examples")
-        extras = gr.State()
+        # The optional outputs show where they will appear as soon as they are asked for.
+        for box, video in ((want_grid, grid_video), (want_preview, preview_video)):
+            box.change(lambda wanted: gr.update(visible=wanted), box, video, queue=False, api_visibility="private")
         inputs = [reference, driving, steps, guidance, seed, size, context_frames, context_overlap, schedule,
                   max_frames, kind, want_grid, want_preview]  # fmt: skip
+        run_button.click(lambda: gr.update(visible=False), None, status, queue=False, api_visibility="private")
         run = run_button.click(
-            animate, inputs, [animation, extras], api_name="animate", concurrency_limit=1, concurrency_id="pipeline"
+            animate,
+            inputs,
+            [animation, grid_video, preview_video],
+            api_name="animate",
+            concurrency_limit=1,
+            concurrency_id="pipeline",
         )
-        run.then(show_extras, extras, [grid_video, preview_video], queue=False, api_visibility="private")
+        run.failure(show_failure, None, status, queue=False, api_visibility="private")
         stop_button.click(stop, None, None, cancels=[run], queue=False, api_visibility="private")
     return demo, animator
 
@@ -208,6 +285,7 @@ def launch(
     *,
     host: str = "127.0.0.1",
     port: int = 7860,
+    share: bool = False,
     examples: str | Path | None = None,
     limits: Limits | None = None,
     densepose_model: str | Path | None = None,
@@ -215,26 +293,39 @@ def launch(
     """Load the models once, then serve the demo until Ctrl-C (or SIGTERM); scratch files are removed on exit.
 
     With ``densepose_model`` (a DensePose TorchScript file), videos of people are turned into DensePose first;
-    without it they are refused with a message saying how to get one.
+    without it they are refused with a message saying how to get one. ``share`` also opens a temporary public
+    gradio.live link (off by default: the demo has no login).
     """
     from ..api import load_pipeline
 
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     limits = limits or Limits()
+    request_settings(config, limits)  # defaults beyond the limits fail before minutes of loading
     pipeline = load_pipeline(config)
     extractor = densepose_extractor(densepose_model, device=config.device) if densepose_model else None
     demo, animator = build_demo(pipeline, config, examples=examples, limits=limits, extractor=extractor)
     try:
-        demo.queue(max_size=16, default_concurrency_limit=1).launch(
-            server_name=host,
-            server_port=port,
-            max_file_size=f"{limits.max_upload_mb}mb",
-            allowed_paths=[str(Path(examples).resolve())] if examples else None,
-            show_error=False,
-            ssr_mode=False,
-            mcp_server=False,
-            footer_links=["api"],
-        )
+        try:
+            demo.queue(max_size=16, default_concurrency_limit=1).launch(
+                server_name=host,
+                server_port=port,
+                share=share,
+                quiet=True,  # Gradio's banner would advise share=True on every ordinary run
+                prevent_thread_lock=True,
+                max_file_size=f"{limits.max_upload_mb}mb",
+                allowed_paths=[str(Path(examples).resolve())] if examples else None,
+                show_error=False,
+                ssr_mode=False,
+                mcp_server=False,
+                footer_links=["api"],
+            )
+        except OSError as err:  # the port was taken between the check before loading and now
+            if "empty port" not in str(err):
+                raise
+            message = f"port {port} on {host} is already in use (another demo?); choose a free one with --port"
+            raise InputError(message) from None
+        print(f"* Running on {demo.local_url} (Ctrl-C stops it)", flush=True)
+        demo.block_thread()
     finally:
         demo.close()
         animator.close()

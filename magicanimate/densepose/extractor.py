@@ -13,22 +13,25 @@ Both turn each detection's chart output into labels the way detectron2's ``Dense
 ``label = argmax(fine) * (argmax(coarse) > 0)``.
 """
 
+import logging
 import os
 import sys
+import textwrap
 import warnings
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
 from ..errors import CheckpointError, InputError
+from ..io.files import check_readable
 from .person import Person
 
 MODEL_ENV = "MAGICANIMATE_DENSEPOSE_MODEL"
 HUB_REPO = "LayerNorm/DensePose-TorchScript-with-hint-image"
 HUB_FILE = "densepose_r50_fpn_dl.torchscript"
-_HOWTO = f"download {HUB_FILE} from https://huggingface.co/{HUB_REPO} and pass --model PATH (or set ${MODEL_ENV})"
 
 
 class Extractor(Protocol):
@@ -150,7 +153,7 @@ def load_torchscript(path: Path, device: str):
     import torch
 
     if not path.is_file():
-        raise CheckpointError(f"DensePose model not found: {path}; {_HOWTO}")
+        raise CheckpointError(f"DensePose model not found: {path}; {_howto()}")
     try:
         import torchvision  # noqa: F401  (registers torchvision::nms & co. that the real export's graph calls)
     except Exception:  # noqa: BLE001 - absent or built for another torch: only the real export needs it
@@ -165,7 +168,7 @@ def load_torchscript(path: Path, device: str):
                 f"{path.name} calls torchvision ops, which are not available; install a torchvision build that "
                 "matches your torch (pip install 'magicanimate[densepose]')"
             ) from None
-        raise CheckpointError(f"cannot load {path}: not a TorchScript DensePose model; {_HOWTO}") from None
+        raise CheckpointError(f"cannot load {path}: not a TorchScript DensePose model; {_howto()}") from None
     model.eval()
     # fp16 exports run on GPUs; CPUs lack half kernels for many of their ops (the upstream runner does the same).
     return model.float() if device == "cpu" else model
@@ -255,34 +258,71 @@ def persons_from_instances(instances, label_cap: int | None = None) -> list[Pers
     ]
 
 
-def resolve_model_path(model=None) -> Path:
+def resolve_model_path(model=None, flag: str = "--model") -> Path:
     """The TorchScript file to use: `model`, else ``$MAGICANIMATE_DENSEPOSE_MODEL``, else the hub file.
 
-    The hub file goes through huggingface_hub's cache (a cached copy is used offline). Any failure is a one-line
-    :class:`CheckpointError` saying where to get the file.
+    The hub file goes through huggingface_hub's cache (a cached copy is used offline). Offline (``HF_HUB_OFFLINE``)
+    or without a network this fails at once: huggingface_hub would otherwise retry the download for about 24 s,
+    logging a line per try, before failing with the same answer. `flag` is how the caller's front end spells the
+    option that passes the file (``--model``, ``--densepose-model``), for the error message.
+
+    Raises:
+        CheckpointError: one line saying which file is needed, where to get it and how to pass it.
     """
-    for given, origin in ((model, "--model"), (os.environ.get(MODEL_ENV), f"${MODEL_ENV}")):
+    howto = _howto(flag)
+    for given, origin in ((model, flag), (os.environ.get(MODEL_ENV), f"${MODEL_ENV}")):
         if given:
             path = Path(given).expanduser()
-            if not path.is_file():
-                raise CheckpointError(f"DensePose model not found: {path} (from {origin}); {_HOWTO}")
-            return path
+            if not os.path.lexists(path):
+                raise CheckpointError(f"DensePose model not found: {path} (from {origin}); {howto}")
+            return check_readable(path, f"DensePose model (from {origin})", CheckpointError)
     import huggingface_hub
 
     from ..weights import fetch_errors, is_offline
 
-    try:  # a copy cached earlier works offline too
-        return Path(huggingface_hub.hf_hub_download(HUB_REPO, HUB_FILE, local_files_only=True))
-    except fetch_errors():
-        pass
-    if is_offline():
-        raise CheckpointError(f"no DensePose model given and offline (HF_HUB_OFFLINE); {_HOWTO}")
+    with _quiet_hub():
+        try:  # a copy cached earlier works offline too
+            return Path(huggingface_hub.hf_hub_download(HUB_REPO, HUB_FILE, local_files_only=True))
+        except fetch_errors():
+            pass
+        if is_offline():
+            raise CheckpointError(f"no DensePose model given and offline (HF_HUB_OFFLINE is set); {howto}")
+        try:  # one request without retries: no network fails here in a second, not after ~24 s of retries
+            huggingface_hub.get_hf_file_metadata(huggingface_hub.hf_hub_url(HUB_REPO, HUB_FILE), timeout=10)
+        except fetch_errors() as err:
+            raise CheckpointError(
+                f"no DensePose model given and the Hugging Face hub cannot be reached ({_reason(err)}); {howto}"
+            ) from None
     print(f"magicanimate: fetching {HUB_FILE} from {HUB_REPO}", file=sys.stderr, flush=True)
     try:
-        return Path(huggingface_hub.hf_hub_download(HUB_REPO, HUB_FILE))
+        with _quiet_hub():
+            return Path(huggingface_hub.hf_hub_download(HUB_REPO, HUB_FILE))
     except fetch_errors() as err:
-        reason = (str(err).strip().splitlines() or [""])[0][:160]
-        raise CheckpointError(f"cannot fetch {HUB_FILE}: {type(err).__name__}: {reason}; {_HOWTO}") from None
+        raise CheckpointError(f"cannot fetch {HUB_FILE} ({_reason(err)}); {howto}") from None
+
+
+def _howto(flag: str = "--model") -> str:
+    return f"download {HUB_FILE} from https://huggingface.co/{HUB_REPO} and pass {flag} PATH (or set ${MODEL_ENV})"
+
+
+@contextmanager
+def _quiet_hub():
+    """No huggingface_hub log lines ("Retrying in 1s", "... thrown while requesting HEAD ..."): our own error
+    says what failed, in one line."""
+    logger = logging.getLogger("huggingface_hub")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _reason(err: BaseException, limit: int = 120) -> str:
+    """The first line of an error, shortened at a word boundary (never mid-word) with "..."."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    text = f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
+    return textwrap.shorten(text, limit, placeholder=" ...")
 
 
 def load_extractor(

@@ -24,7 +24,8 @@ def output_kind(path: str | os.PathLike, suffixes: Iterable[str] = VIDEO_SUFFIXE
     suffix = Path(path).suffix.lower()
     suffixes = tuple(suffixes)
     if suffix not in suffixes:
-        kinds = " or ".join(s for s in suffixes if s) + (" (or no suffix for a folder of PNG frames)" if "" in suffixes else "")
+        kinds = " or ".join(s for s in suffixes if s)
+        kinds += " (or no suffix for a folder of PNG frames)" if "" in suffixes else ""
         raise InputError(f"output {Path(path).name} must end in {kinds}")
     return suffix
 

@@ -216,7 +216,7 @@ class VideoWriter:
         try:
             self._container = av.open(str(self._temp_path), "w", format="mp4", options={"movflags": "faststart"})
         except BaseException as err:
-            self._output.__exit__(type(err), err, err.__traceback__)  # raises its own error for err, or returns
+            self._output.__exit__(type(err), err, err.__traceback__)  # raises its form of err (EACCES, ENOSPC)
             raise
         return self
 

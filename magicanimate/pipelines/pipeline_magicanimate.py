@@ -7,30 +7,40 @@ per frame, classifier-free guidance is applied, and the scheduler takes a step.
 """
 
 import inspect
-from collections import Counter
+import math
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import PIL.Image
 import torch
 from diffusers import AutoencoderKL, ControlNetModel, DDIMScheduler, DiffusionPipeline
+from diffusers.image_processor import VaeImageProcessor
 from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from ..distributed import all_reduce_sum, gather_frames, rank_and_world, share
+from ..distributed import all_reduce_sum, map_shared
 from ..errors import CheckpointError, InputError, ResourceError
 from ..io import load_image, read_video
-from ..models.original_checkpoints import load_appearance_encoder, load_video_unet
+from ..models.original_checkpoints import (
+    check_converted_folder,
+    load_appearance_encoder,
+    load_diffusers_model,
+    load_release_components,
+    materialize_weights,
+)
 from ..models.reference_attention import ReferenceAttentionControl
 from ..models.video_unet import VideoUNet
-from ..weights import EXPECTED_TREE
-from .context_windows import WindowWork, context_windows, fusion_weights
+from .context_windows import WindowAccumulator, WindowWork, check_schedule, context_windows, fusion_weights
+from .control_residuals import ControlResiduals
 
 VAE_SCALING_FACTOR = 0.18215  # hard-coded by the original, equal to sd-vae-ft-mse's config
+OUTPUT_TYPES = ("np", "pt", "pil", "latent")
 
 
 def magicanimate_scheduler() -> DDIMScheduler:
@@ -44,12 +54,6 @@ def magicanimate_scheduler() -> DDIMScheduler:
         set_alpha_to_one=True,
         timestep_spacing="leading",
     )
-
-
-def _prefer_safetensors(path: Path) -> Path:
-    """``path`` with a ``.safetensors`` suffix when such a converted copy sits beside it."""
-    converted = path.with_suffix(".safetensors")
-    return converted if converted.is_file() else path
 
 
 @dataclass
@@ -92,6 +96,8 @@ class MagicAnimatePipeline(DiffusionPipeline):
             scheduler=scheduler,
         )
         self.register_to_config(fusion_blocks=fusion_blocks)
+        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
         self.reference_control = ReferenceAttentionControl(appearance_encoder, unet, fusion_blocks)
 
     # ------------------------------------------------------------------------------------------------ loading
@@ -107,69 +113,162 @@ class MagicAnimatePipeline(DiffusionPipeline):
         pretrained_controlnet_path: str | Path | None = None,
         motion_module: str | Path | None = None,
         motion_only: bool = False,
-        fusion_blocks: str = "midup",
-        torch_dtype: torch.dtype | None = None,
+        fusion_blocks: str | None = None,
+        dtype: torch.dtype | None = None,
         **kwargs,
     ) -> "MagicAnimatePipeline":
-        """Load the original release tree, or a folder written by :meth:`save_pretrained`.
+        """Load the original release tree, or a folder written by :meth:`save_pretrained` / ``magicanimate convert``.
 
-        The release tree (``root``) holds ``stable-diffusion-v1-5/``, ``sd-vae-ft-mse/`` and ``MagicAnimate/``
-        (``appearance_encoder/``, ``densepose_controlnet/``, ``temporal_attention/temporal_attention.ckpt``). Any
-        piece can be given on its own with the original config's key names. ``motion_only=True`` takes only the
-        motion modules from ``temporal_attention.ckpt``, keeping SD 1.5's (or a fine-tune's) spatial weights.
+        The release tree holds ``stable-diffusion-v1-5/``, ``sd-vae-ft-mse/`` and ``MagicAnimate/`` (read by
+        :func:`~magicanimate.models.original_checkpoints.load_release_components`); any piece can be given on its
+        own with the original config's key names, and ``motion_only=True`` takes only the motion modules from
+        ``temporal_attention.ckpt``. A converted folder (``model_index.json``) takes the pieces that are whole
+        components (``pretrained_vae_path``, ``pretrained_appearance_encoder_path``, ``pretrained_controlnet_path``)
+        and ``fusion_blocks`` (default: the folder's own, for the release tree ``"midup"``); it refuses
+        ``pretrained_model_path``, ``motion_module`` and ``motion_only``, which change what its UNet was built from.
+
+        ``dtype`` casts every model (``torch_dtype`` is accepted as an alias, without a warning). Both kinds of
+        folder end in the same step (:func:`~magicanimate.models.original_checkpoints.materialize_weights`), so the
+        same weights give the same modules and memory layout, hence the same output, wherever they were read from.
+
+        Raises:
+            CheckpointError: a piece is missing or unusable (one line). InputError: a setting cannot apply.
         """
+        torch_dtype = kwargs.pop("torch_dtype", None)
+        if dtype is not None and torch_dtype is not None and dtype != torch_dtype:
+            raise InputError(f"dtype={dtype} and torch_dtype={torch_dtype} disagree; pass only dtype")
+        dtype = dtype if dtype is not None else torch_dtype
         root = Path(pretrained_model_name_or_path)
         if (root / "model_index.json").is_file():
-            return super().from_pretrained(root, torch_dtype=torch_dtype, **kwargs)
-        sd = Path(pretrained_model_path or root / "stable-diffusion-v1-5")
-        vae_path = Path(pretrained_vae_path or root / "sd-vae-ft-mse")
-        appearance_path = Path(pretrained_appearance_encoder_path or root / "MagicAnimate" / "appearance_encoder")
-        controlnet_path = Path(pretrained_controlnet_path or root / "MagicAnimate" / "densepose_controlnet")
-        default_motion = root / "MagicAnimate" / "temporal_attention" / "temporal_attention.ckpt"
-        motion_path = Path(motion_module or _prefer_safetensors(default_motion))
-        folders = (sd / "unet", sd / "text_encoder", sd / "tokenizer", vae_path, appearance_path, controlnet_path)
-        missing = [str(p) for p in folders if not p.is_dir()] + ([] if motion_path.is_file() else [str(motion_path)])
-        if missing:
-            raise CheckpointError(
-                f"incomplete checkpoint tree, missing {', '.join(missing)}; {EXPECTED_TREE.format(root=root)}; run "
-                f"'magicanimate download --to {root}' or see pretrained/README.md"
+            given = {"pretrained_model_path": pretrained_model_path, "motion_module": motion_module}
+            refused = [name for name, value in {**given, "motion_only": motion_only}.items() if value]
+            if refused:
+                raise InputError(
+                    f"{' and '.join(refused)} cannot apply to the converted folder {root}: its UNet already joins SD "
+                    "1.5's weights and the motion modules; convert the release tree with these settings instead "
+                    "('magicanimate convert SRC DST --motion-only'), or load the release tree"
+                )
+            overrides = {}
+            if pretrained_vae_path:
+                overrides["vae"] = load_diffusers_model(AutoencoderKL, pretrained_vae_path, "VAE")
+            if pretrained_appearance_encoder_path:
+                overrides["appearance_encoder"] = load_appearance_encoder(pretrained_appearance_encoder_path)
+            if pretrained_controlnet_path:
+                overrides["controlnet"] = load_diffusers_model(
+                    ControlNetModel, pretrained_controlnet_path, "DensePose ControlNet"
+                )
+            check_converted_folder(root, skip=tuple(overrides))
+            if fusion_blocks is not None:
+                kwargs["fusion_blocks"] = fusion_blocks
+            try:
+                pipe = super().from_pretrained(root, **overrides, **kwargs)
+            except (OSError, ValueError, RuntimeError) as err:
+                message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                raise CheckpointError(f"cannot load the converted folder {root}: {message[:300]}") from err
+        else:
+            if kwargs:
+                raise TypeError(f"unexpected arguments for the release tree {root}: {', '.join(sorted(kwargs))}")
+            components = load_release_components(
+                root,
+                pretrained_model_path=pretrained_model_path,
+                pretrained_vae_path=pretrained_vae_path,
+                pretrained_appearance_encoder_path=pretrained_appearance_encoder_path,
+                pretrained_controlnet_path=pretrained_controlnet_path,
+                motion_module=motion_module,
+                motion_only=motion_only,
             )
-        try:
-            pipe = cls(
-                vae=AutoencoderKL.from_pretrained(vae_path),
-                text_encoder=CLIPTextModel.from_pretrained(sd / "text_encoder"),
-                tokenizer=CLIPTokenizer.from_pretrained(sd / "tokenizer"),
-                unet=load_video_unet(sd / "unet", motion_path, motion_only=motion_only),
-                appearance_encoder=load_appearance_encoder(appearance_path),
-                controlnet=ControlNetModel.from_pretrained(controlnet_path),
-                scheduler=magicanimate_scheduler(),
-                fusion_blocks=fusion_blocks,
-            )
-        except (OSError, ValueError, RuntimeError) as err:
-            message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise CheckpointError(f"cannot load the checkpoints under {root}: {message}") from err
-        if torch_dtype is not None:
-            # torch's own .to: diffusers' ModelMixin.to warns about fp32 modules even when a model has none.
-            for component in pipe.components.values():
-                if isinstance(component, torch.nn.Module):
-                    torch.nn.Module.to(component, dtype=torch_dtype)
+            pipe = cls(**components, scheduler=magicanimate_scheduler(), fusion_blocks=fusion_blocks or "midup")
+        for component in pipe.components.values():
+            if isinstance(component, torch.nn.Module):
+                # Not Module.to / ModelMixin.to: diffusers' warns about "modules kept in float32: []" on every cast.
+                materialize_weights(component, dtype).eval()
         return pipe
 
     # ------------------------------------------------------------------------------------------------ inputs
 
     @staticmethod
     def load_motion(motion) -> np.ndarray:
-        """DensePose frames as ``(F, H, W, 3)`` uint8 RGB from an array, a list of images, or a video path."""
+        """DensePose frames as an array, from an array, a list of images, or a video path (see :meth:`check_inputs`
+        for what they must be)."""
         if isinstance(motion, (str, Path)):
             motion, _ = read_video(motion)
         elif isinstance(motion, (list, tuple)):
             motion = np.stack([np.asarray(load_image(frame)) for frame in motion]) if motion else np.zeros((0,))
-        motion = np.asarray(motion)
-        if motion.ndim != 4 or motion.shape[-1] != 3 or len(motion) == 0:
-            raise InputError(f"motion must be F x H x W x 3 frames, got shape {motion.shape}")
-        if motion.dtype != np.uint8:
-            raise InputError(f"motion frames must be uint8 RGB, got {motion.dtype}")
-        return motion
+        return np.asarray(motion)
+
+    def output_size(self, frames: np.ndarray, height: int | None = None, width: int | None = None) -> tuple[int, int]:
+        """``(height, width)``: the given size or the motion frames', rounded down to a multiple of the VAE's."""
+        scale = self.vae_scale_factor
+        return (height or frames.shape[1]) // scale * scale, (width or frames.shape[2]) // scale * scale
+
+    def check_inputs(
+        self,
+        frames: np.ndarray,
+        height,
+        width,
+        num_inference_steps,
+        guidance_scale,
+        latents,
+        context_frames,
+        context_overlap,
+        context_schedule,
+        context_batch_size,
+        controlnet_conditioning_scale,
+        decode_chunk_size,
+        output_type,
+        distributed,
+        cfg_parallel,
+    ) -> None:
+        """Raise :class:`InputError` with a one-line message for any argument the call cannot use, before any model
+        runs (a bad setting must not cost a whole denoising run)."""
+        if frames.ndim != 4 or frames.shape[-1] != 3 or len(frames) == 0:
+            raise InputError(f"motion must be F x H x W x 3 frames, got shape {frames.shape}")
+        if frames.dtype != np.uint8:
+            raise InputError(f"motion frames must be uint8 RGB, got {frames.dtype}")
+        if output_type not in OUTPUT_TYPES:
+            raise InputError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
+        counts = {
+            "num_inference_steps": num_inference_steps,
+            "context_frames": context_frames,
+            "context_batch_size": context_batch_size,
+            "decode_chunk_size": decode_chunk_size,
+        }
+        for name, value in counts.items():
+            if not _is_int(value) or value < 1:
+                raise InputError(f"{name} must be a positive integer, got {value!r}")
+        if not _is_int(context_overlap) or not 0 <= context_overlap < context_frames:
+            raise InputError(
+                f"context_overlap must be an integer from 0 to context_frames - 1 ({context_frames - 1}), "
+                f"got {context_overlap!r}"
+            )
+        max_frames = self.unet.config.get("motion_max_seq_length")
+        if max_frames is not None and context_frames > max_frames:
+            raise InputError(
+                f"context_frames must be at most {max_frames} (the motion modules' length), got {context_frames}"
+            )
+        check_schedule(context_schedule)
+        for name, value in (
+            ("guidance_scale", guidance_scale),
+            ("controlnet_conditioning_scale", controlnet_conditioning_scale),
+        ):
+            if not isinstance(value, numbers.Real) or not math.isfinite(value):
+                raise InputError(f"{name} must be a finite number, got {value!r}")
+        for name, value in (("height", height), ("width", width)):
+            if value is not None and (not _is_int(value) or value < 1):
+                raise InputError(f"{name} must be a positive integer, got {value!r}")
+        size, scale = self.output_size(frames, height, width), self.vae_scale_factor
+        if min(size) < scale:
+            raise InputError(f"output size {size[1]}x{size[0]} is too small; it must be at least {scale}x{scale}")
+        if latents is not None:
+            expected = (1, self.unet.config.in_channels, size[0] // scale, size[1] // scale)
+            shape = tuple(latents.shape) if isinstance(latents, torch.Tensor) else None
+            if shape is None or len(shape) != 5 or shape[:2] + shape[3:] != expected or not latents.is_floating_point():
+                raise InputError(
+                    f"latents must be a float tensor of shape ({expected[0]}, {expected[1]}, F, {expected[2]}, "
+                    f"{expected[3]}), got {shape if shape is not None else type(latents).__name__}"
+                )
+        if cfg_parallel and not distributed:
+            raise InputError("cfg_parallel splits the guidance branches across ranks: it needs distributed=True")
 
     @staticmethod
     def resize_frames(frames: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -188,31 +287,37 @@ class MagicAnimatePipeline(DiffusionPipeline):
             truncation=True,
             return_tensors="pt",
         ).input_ids
-        return self.text_encoder(ids.to(self.device))[0]
+        return self.text_encoder(ids.to(self._execution_device))[0]
 
     def encode_reference(self, image: np.ndarray) -> torch.Tensor:
         """Clean VAE latent of the reference image (``latent_dist.mean``, not a sample), as the original does."""
-        pixels = torch.from_numpy(image[None].copy()).to(self.device, self.vae.dtype) / 127.5 - 1
+        pixels = torch.from_numpy(image[None].copy()).to(self._execution_device, self.vae.dtype) / 127.5 - 1
         latent = self.vae.encode(pixels.permute(0, 3, 1, 2)).latent_dist.mean
         return latent * VAE_SCALING_FACTOR
 
     def prepare_latents(self, latents, num_frames, height, width, context_frames, generator):
         """Initial noise ``(1, 4, num_frames, h, w)`` float32: one ``context_frames`` block tiled along frames, as
         the original draws it; given ``latents`` with fewer frames are padded by repeating their last frame."""
-        shape = (1, self.unet.config.in_channels, context_frames, height // 8, width // 8)
+        device = self._execution_device
+        scale = self.vae_scale_factor
+        shape = (1, self.unet.config.in_channels, context_frames, height // scale, width // scale)
         if latents is None:
-            block = randn_tensor(shape, generator=generator, device=self.device, dtype=torch.float32)
+            block = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
             latents = block.repeat(1, 1, -(-num_frames // context_frames), 1, 1)[:, :, :num_frames]
             return latents * self.scheduler.init_noise_sigma
-        latents = latents.to(self.device, torch.float32)
-        if latents.shape[0] != 1 or latents.shape[1] != shape[1] or latents.shape[3:] != shape[3:]:
-            raise InputError(
-                f"latents must have shape (1, {shape[1]}, F, {shape[3]}, {shape[4]}), got {tuple(latents.shape)}"
-            )
+        latents = latents.to(device, torch.float32)
         if latents.shape[2] < num_frames:
             padding = latents[:, :, -1:].expand(-1, -1, num_frames - latents.shape[2], -1, -1)
             latents = torch.cat([latents, padding], dim=2)
         return latents[:, :, :num_frames] * self.scheduler.init_noise_sigma
+
+    def prepare_step_kwargs(self, generator, eta: float) -> dict:
+        """``eta`` and ``generator`` for schedulers whose ``step`` takes them (DDIM does)."""
+        parameters = set(inspect.signature(self.scheduler.step).parameters)
+        kwargs = {"eta": eta} if "eta" in parameters else {}
+        if "generator" in parameters:
+            kwargs["generator"] = generator
+        return kwargs
 
     # ------------------------------------------------------------------------------------------------ denoising
 
@@ -231,83 +336,79 @@ class MagicAnimatePipeline(DiffusionPipeline):
         """ControlNet residuals (12 down + 1 mid) of a run of frames. Conditional text only, as in the original;
         the same residuals serve both guidance halves."""
         sample = self.scheduler.scale_model_input(latents[0][:, frames].transpose(0, 1), t)
+        pixels = control[frames].to(self._execution_device, self.controlnet.dtype).permute(0, 3, 1, 2) / 255
         down, mid = self.controlnet(
             sample.to(self.controlnet.dtype),
             t,
             encoder_hidden_states=text.expand(len(sample), -1, -1),
-            controlnet_cond=control[frames].to(self.device, self.controlnet.dtype).permute(0, 3, 1, 2) / 255,
+            controlnet_cond=pixels,
             conditioning_scale=scale,
             return_dict=False,
         )
         return [*down, mid]
 
-    def predict_noise(self, latents, t, text, control, work: "WindowWork", guidance_scale: float, scale: float):
-        """Guided noise prediction for the whole clip.
+    def denoise_windows(self, latents, t, text, windows, residuals, branches) -> torch.Tensor:
+        """One video-UNet call: the noise predicted for ``windows`` (lists of frame indices of ``latents``) at
+        timestep ``t``, for each guidance branch in ``branches`` (``False``: unconditional, without the reference;
+        ``True``: conditional, attending to the reference bank that :meth:`encode_appearance` loaded).
 
-        Window predictions are summed in float32 with per-position weights and divided by the summed weights (the
-        original's plain mean when all weights are 1), then classifier-free guidance is applied. ControlNet
-        residuals are computed for the frames of each window batch when first needed and dropped after their last
-        window, so memory does not grow with the clip length and no frame is encoded twice. They are computed in
-        the original's fixed ``context_frames`` chunks, so every frame's residuals are the same floats however the
-        windows are batched or split. In a process group each rank computes its share (``work``) and one
-        ``all_reduce`` sums the predictions.
+        ``residuals``: the ControlNet residuals (12 down + 1 mid) of the windows' frames in order, repeated once per
+        branch (what :meth:`ControlResiduals.take` returns). Returns ``(len(branches) * len(windows), C, F, h, w)``
+        float32, rows grouped by branch.
         """
-        total = torch.zeros((len(work.branches), *latents.shape[1:]), dtype=torch.float32, device=self.device)
-        weights = torch.tensor(work.weights, dtype=torch.float32, device=self.device)[:, None, None]
-        count = torch.zeros((1, 1, latents.shape[2], 1, 1), dtype=torch.float32, device=self.device)
-        for window in work.windows:
-            count[:, :, window] += weights
-        size = work.control_chunk
-        uses_left = Counter(frame // size for window in work.mine for frame in window)
-        residuals: dict[int, list[torch.Tensor]] = {}  # chunk index -> residuals of its frames
-        rows = len(work.my_branches)
-        for first in range(0, len(work.mine), work.batch_size):
-            batch = work.mine[first : first + work.batch_size]
-            frames = [frame for window in batch for frame in window]
-            for chunk in sorted({frame // size for frame in frames} - residuals.keys()):
-                run = slice(chunk * size, (chunk + 1) * size)
-                residuals[chunk] = self.encode_motion(latents, t, text, control, run, scale)
-            stacked = [
-                torch.stack([residuals[frame // size][i][frame % size] for frame in frames]).repeat(rows, 1, 1, 1)
-                for i in range(len(residuals[frames[0] // size]))
-            ]
+        index = torch.tensor(windows, device=latents.device)  # (windows, frames)
+        sample = latents[0][:, index].transpose(0, 1).repeat(len(branches), 1, 1, 1, 1)  # (rows, C, F, h, w)
+        self.reference_control.set_conditional(torch.tensor(branches).repeat_interleave(len(windows)))
+        return self.unet(
+            self.scheduler.scale_model_input(sample, t).to(self.unet.dtype),
+            t,
+            encoder_hidden_states=text.expand(sample.shape[0] * sample.shape[2], -1, -1),
+            down_block_additional_residuals=residuals[:-1],
+            mid_block_additional_residual=residuals[-1],
+            return_dict=False,
+        )[0].float()
 
-            index = torch.tensor(batch, device=self.device)  # (windows, frames)
-            sample = latents[0][:, index].transpose(0, 1).repeat(rows, 1, 1, 1, 1)  # (rows*windows, C, F, h, w)
-            # Rows are grouped by branch ([unconditional ; conditional]); only conditional rows see the reference.
-            self.reference_control.set_conditional(torch.tensor(work.my_branches).repeat_interleave(len(batch)))
-            pred = self.unet(
-                self.scheduler.scale_model_input(sample, t).to(self.unet.dtype),
-                t,
-                encoder_hidden_states=text.expand(sample.shape[0] * sample.shape[2], -1, -1),
-                down_block_additional_residuals=stacked[:-1],
-                mid_block_additional_residual=stacked[-1],
-                return_dict=False,
-            )[0].float()
-            for row, branch in enumerate(work.my_branches):
-                for w, window in enumerate(batch):
-                    total[work.branches.index(branch), :, window] += pred[row * len(batch) + w] * weights
-            for frame in frames:
-                uses_left[frame // size] -= 1
-                if uses_left[frame // size] == 0:
-                    del residuals[frame // size]
-        if work.distributed:
-            all_reduce_sum(total)
-        noise = total / count
-        if len(work.branches) == 2:
-            uncond, cond = noise.chunk(2)
-            return uncond + guidance_scale * (cond - uncond)
-        return noise
+    def predict_noise(self, latents, t, text, control, work: WindowWork, guidance_scale: float, scale: float):
+        """Guided noise prediction for the whole clip at timestep ``t``.
 
-    def decode_latents(self, latents: torch.Tensor, decode_chunk_size: int) -> torch.Tensor:
-        """``(F, 3, H, W)`` float32 in [0, 1] on the CPU, decoded ``decode_chunk_size`` frames at a time; each chunk
-        leaves the accelerator at once, so its memory does not grow with the clip length."""
+        This process denoises its share of the windows (``work.share``), ``work.batch_size`` per UNet call, with
+        the ControlNet residuals of their frames; the window predictions are fused per frame and guided. In a
+        process group one ``all_reduce`` first sums every rank's part.
+        """
+        encode = partial(self.encode_motion, latents, t, text, control, scale=scale)
+        residuals = ControlResiduals(encode, work.window_frames, work.share.windows)
+        fused = WindowAccumulator(work.windows, work.weights, work.branches, latents)
+        branches = work.share.branches
+        for windows in work.batches():
+            noise = self.denoise_windows(latents, t, text, windows, residuals.take(windows, len(branches)), branches)
+            fused.add(noise, windows, branches)
+        if work.share.split:
+            all_reduce_sum(fused.sums)
+        return fused.guided_noise(guidance_scale)
+
+    def decode_latents(self, latents: torch.Tensor, decode_chunk_size: int, distributed: bool = False):
+        """``(F, 3, H, W)`` float32 VAE output (in [-1, 1]) on the CPU, decoded in chunks of ``decode_chunk_size``
+        frames (chunk k: frames ``k*c .. (k+1)*c - 1``); each chunk leaves the accelerator at once, so its memory
+        does not grow with the clip length. In a process group the ranks share the chunks: the same chunks as in one
+        process, so the same bits."""
         frames = latents[0].transpose(0, 1) / VAE_SCALING_FACTOR
-        images = [
-            (self.vae.decode(chunk.to(self.vae.dtype)).sample.float() / 2 + 0.5).clamp(0, 1).cpu()
-            for chunk in frames.split(decode_chunk_size)
-        ]
-        return torch.cat(images)
+        chunks = list(frames.split(decode_chunk_size))
+        if not distributed:
+            return torch.cat([self.decode_frames(chunk) for chunk in chunks])
+        h, w = (side * self.vae_scale_factor for side in frames.shape[2:])
+        return map_shared(self.decode_frames, chunks, torch.empty((0, self.vae.config.out_channels, h, w)))
+
+    def decode_frames(self, latents: torch.Tensor) -> torch.Tensor:
+        """One VAE call: ``(frames, 4, h, w)`` latents (divided by the scaling factor) to ``(frames, 3, H, W)``
+        float32 on the CPU."""
+        return self.vae.decode(latents.to(self.vae.dtype)).sample.float().cpu()
+
+    @property
+    def interrupt(self) -> bool:
+        """Set ``pipe._interrupt = True`` (e.g. in ``callback_on_step_end``) to stop denoising after this step; the
+        call then decodes and returns the latents as they are. In a process group every rank must set it at the
+        same step."""
+        return self._interrupt
 
     @torch.no_grad()
     def __call__(
@@ -345,38 +446,43 @@ class MagicAnimatePipeline(DiffusionPipeline):
                 reference and, if needed, the motion frames are resized to it.
             generator, latents: noise control as in diffusers; ``latents`` is ``(1, 4, F, H/8, W/8)``.
             context_frames, context_overlap, context_schedule: the sliding window (16, 4, ``"uniform"`` = the
-                original's wrap-around schedule; ``"sliding"`` never wraps). The clip is padded to a multiple of
-                ``context_frames`` by repeating its last frame; the output is cropped back.
+                original's wrap-around schedule; ``"sliding"`` never wraps; see ``CONTEXT_SCHEDULES``). The clip is
+                padded to a multiple of ``context_frames`` by repeating its last frame; the output is cropped back.
             context_batch_size: windows per UNet call (more is faster on a large GPU, same result).
             controlnet_conditioning_scale: strength of the DensePose ControlNet (1.0).
             eta: DDIM eta (0: deterministic).
             decode_chunk_size: frames per VAE decode call.
-            output_type: ``"np"`` (``(F, H, W, 3)`` float32), ``"pt"``, ``"pil"`` or ``"latent"``.
+            output_type: ``"np"`` (``(F, H, W, 3)`` float32), ``"pt"`` (``(F, 3, H, W)``), ``"pil"`` or ``"latent"``.
             callback_on_step_end: ``fn(pipe, step, timestep, {"latents": ...})`` after every step; may return a
-                dict with replacement ``latents``.
+                dict with replacement ``latents``, or set ``pipe._interrupt = True`` to stop (see :attr:`interrupt`).
             distributed: inside an initialised ``torch.distributed`` process group, split the windows, their
-                ControlNet frames and the decoded frames across ranks; every rank returns the whole video.
+                ControlNet frames and the decode chunks across ranks; every rank returns the whole video.
             cfg_parallel: with ``distributed`` and guidance, run the unconditional and conditional branches on
                 different ranks (needs an even number of ranks).
         """
-        # 1. Inputs: motion frames define the clip length and (by default) the size.
+        # 1. Check the inputs before any model runs. The motion frames define the clip length and (by default) the
+        # size; the clip is padded to whole windows by repeating its last frame.
         frames = self.load_motion(motion)
+        self.check_inputs(
+            frames,
+            height,
+            width,
+            num_inference_steps,
+            guidance_scale,
+            latents,
+            context_frames,
+            context_overlap,
+            context_schedule,
+            context_batch_size,
+            controlnet_conditioning_scale,
+            decode_chunk_size,
+            output_type,
+            distributed,
+            cfg_parallel,
+        )
+        height, width = self.output_size(frames, height, width)
         num_frames = len(frames)
-        height = (height or frames.shape[1]) // 8 * 8
-        width = (width or frames.shape[2]) // 8 * 8
-        if height < 8 or width < 8:
-            raise InputError(f"output size {width}x{height} is too small; it must be at least 8x8")
-        frames = self.resize_frames(frames, height, width)
-        reference = np.asarray(load_image(reference_image).resize((width, height), PIL.Image.BICUBIC))
         padded_frames = -(-num_frames // context_frames) * context_frames
-        frames = np.concatenate([frames, np.repeat(frames[-1:], padded_frames - num_frames, axis=0)])
-        control = torch.from_numpy(frames)  # stays uint8 on the CPU; each ControlNet chunk moves what it needs
-
-        # 2. Conditioning that does not change over the steps. (Re-installing the reference processors keeps this
-        # pipeline working when another one was built from the same models.)
-        self.reference_control.install()
-        text = self.encode_prompt(prompt)
-        reference_latents = self.encode_reference(reference)
         work = WindowWork.plan(
             context_windows(padded_frames, context_frames, context_overlap, context_schedule),
             fusion_weights(min(context_frames, padded_frames), context_schedule),
@@ -385,48 +491,58 @@ class MagicAnimatePipeline(DiffusionPipeline):
             distributed,
             cfg_parallel,
         )
+        reference = np.asarray(load_image(reference_image).resize((width, height), PIL.Image.BICUBIC))
+        frames = self.resize_frames(frames, height, width)
+        frames = np.concatenate([frames, np.repeat(frames[-1:], padded_frames - num_frames, axis=0)])
+        control = torch.from_numpy(frames)  # stays uint8 on the CPU; each ControlNet chunk moves what it needs
 
-        # 3. Noise and timesteps.
-        self.scheduler.set_timesteps(num_inference_steps, device=self.device)
-        latents = self.prepare_latents(latents, padded_frames, height, width, context_frames, generator)
-        step_kwargs = {}
-        step_parameters = set(inspect.signature(self.scheduler.step).parameters)
-        if "eta" in step_parameters:
-            step_kwargs["eta"] = eta
-        if "generator" in step_parameters:
-            step_kwargs["generator"] = generator
+        self._interrupt = False
+        # Re-installing the reference processors keeps this pipeline working when another one was built from the
+        # same models. Whatever happens below, the reference state is cleared and offloaded models are freed.
+        self.reference_control.install()
+        try:
+            # 2. Conditioning that does not change over the steps.
+            text = self.encode_prompt(prompt)
+            reference_latents = self.encode_reference(reference)
 
-        # 4. Denoising loop.
-        for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
-            self.encode_appearance(reference_latents, t, text)
-            noise = self.predict_noise(latents, t, text, control, work, guidance_scale, controlnet_conditioning_scale)
-            latents = self.scheduler.step(noise, t, latents, **step_kwargs, return_dict=False)[0]
-            if not bool(torch.isfinite(latents).all()):
-                raise ResourceError(
-                    f"the latents became NaN/inf at denoising step {i + 1} of {len(self.scheduler.timesteps)}; "
-                    "float16 overflow is the usual cause: try --dtype bfloat16 or --dtype float32"
-                )
-            if callback_on_step_end is not None:
-                latents = (callback_on_step_end(self, i, t, {"latents": latents}) or {}).get("latents", latents)
-        self.reference_control.clear()
+            # 3. Noise and timesteps.
+            self.scheduler.set_timesteps(num_inference_steps, device=self._execution_device)
+            timesteps = self.scheduler.timesteps
+            latents = self.prepare_latents(latents, padded_frames, height, width, context_frames, generator)
+            step_kwargs = self.prepare_step_kwargs(generator, eta)
 
-        # 5. Decode (each rank its share of the frames in a process group), crop the padding off.
-        latents = latents[:, :, :num_frames]
-        if output_type == "latent":
-            video = latents
-        elif work.distributed:
-            rank, world = rank_and_world()
-            mine = share(list(range(num_frames)), world, rank)
-            decoded = self.decode_latents(latents[:, :, mine], decode_chunk_size).to(self.device)
-            video = gather_frames(decoded, num_frames).cpu()
-        else:
-            video = self.decode_latents(latents, decode_chunk_size)
-        if output_type != "latent":
-            if output_type == "np":
-                video = video.permute(0, 2, 3, 1).cpu().numpy()
-            elif output_type == "pil":
-                video = [PIL.Image.fromarray(f) for f in (video.permute(0, 2, 3, 1) * 255).round().byte().cpu().numpy()]
-            elif output_type != "pt":
-                raise InputError(f"output_type must be 'np', 'pt', 'pil' or 'latent', got {output_type!r}")
-        self.maybe_free_model_hooks()
+            # 4. Denoising loop.
+            with self.progress_bar(total=len(timesteps)) as progress_bar:
+                for i, t in enumerate(timesteps):
+                    if self.interrupt:
+                        break
+                    self.encode_appearance(reference_latents, t, text)
+                    noise = self.predict_noise(
+                        latents, t, text, control, work, guidance_scale, controlnet_conditioning_scale
+                    )
+                    latents = self.scheduler.step(noise, t, latents, **step_kwargs, return_dict=False)[0]
+                    if not bool(torch.isfinite(latents).all()):
+                        raise ResourceError(
+                            f"the latents became NaN/inf at denoising step {i + 1} of {len(timesteps)}; float16 "
+                            "overflow is the usual cause: run in dtype bfloat16 or float32"
+                        )
+                    if callback_on_step_end is not None:
+                        latents = (callback_on_step_end(self, i, t, {"latents": latents}) or {}).get("latents", latents)
+                    progress_bar.update()
+            self.reference_control.clear()  # the reference bank is not needed for the decode
+
+            # 5. Crop the padding off and decode (in a process group, each rank its share of the chunks).
+            latents = latents[:, :, :num_frames]
+            if output_type == "latent":
+                video = latents
+            else:
+                decoded = self.decode_latents(latents, decode_chunk_size, distributed=work.share.split)
+                video = self.image_processor.postprocess(decoded, output_type=output_type)
+        finally:
+            self.reference_control.clear()
+            self.maybe_free_model_hooks()
         return MagicAnimatePipelineOutput(frames=video) if return_dict else (video,)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
