@@ -185,7 +185,7 @@ def animate(
         frames,
         height=height,
         width=width,
-        generator=torch.Generator(pipe.device).manual_seed(config.seed),
+        generator=torch.Generator(pipe._execution_device).manual_seed(config.seed),
         callback_on_step_end=on_step,
         distributed=is_distributed(),
         **pipeline_arguments(config),

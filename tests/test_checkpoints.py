@@ -295,6 +295,32 @@ def test_missing_piece_raises_checkpoint_error_mentioning_download(tiny_tree, tm
     assert Path(omit).name in message, message
 
 
+@pytest.mark.parametrize(
+    "setting", ["pretrained_model_path", "pretrained_vae_path", "pretrained_controlnet_path", "motion_module"]
+)
+def test_missing_piece_given_on_its_own_is_named_by_its_path(tiny_tree, tmp_path, setting):
+    from magicanimate import MagicAnimatePipeline
+
+    absent = tmp_path / "not-there"
+    with pytest.raises(CheckpointError) as info:
+        MagicAnimatePipeline.from_pretrained(tiny_tree, **{setting: absent})
+    message = str(info.value)
+    assert str(absent) in message and "\n" not in message, message
+
+
+def test_release_tree_takes_another_sd15_folder(tiny_tree, sd_weights, tmp_path):
+    """``pretrained_model_path`` replaces unet/, text_encoder/ and tokenizer/; with ``motion_only`` its UNet's
+    spatial weights are the ones used."""
+    from magicanimate import MagicAnimatePipeline
+
+    sd = tmp_path / "sd15-finetune"
+    shutil.copytree(tiny_tree / "stable-diffusion-v1-5", sd)
+    tuned = {k: v + 0.5 for k, v in sd_weights.items()}
+    torch.save(tuned, sd / "unet" / "diffusion_pytorch_model.bin")
+    pipe = MagicAnimatePipeline.from_pretrained(tiny_tree, pretrained_model_path=sd, motion_only=True)
+    _assert_spatial_from(pipe.unet.state_dict(), tuned, "the fine-tune")
+
+
 def test_missing_root_raises_checkpoint_error_mentioning_download(tmp_path):
     from magicanimate import MagicAnimatePipeline
 
@@ -659,6 +685,9 @@ def _load_as_unprivileged_user(root: Path) -> str:
     return result.removeprefix("CheckpointError: ")
 
 
+@pytest.mark.skipif(
+    not hasattr(os, "fork"), reason="POSIX permissions and os.fork needed (root runs the read as nobody)"
+)
 @pytest.mark.parametrize(
     "relative", ["sd-vae-ft-mse/diffusion_pytorch_model.safetensors", "stable-diffusion-v1-5/unet/config.json"]
 )

@@ -60,12 +60,11 @@ def chart_to_labels(coarse_segm, fine_segm, box, max_side: int | None = None) ->
 
 
 def resolve_device(device: str = "auto") -> str:
-    """``auto`` means CUDA when available, else CPU."""
-    if device != "auto":
-        return device
-    import torch
+    """The device the DensePose model runs on, by the same rule as the animation models (:mod:`magicanimate.devices`):
+    ``auto`` is CUDA when usable, else the CPU; an unavailable device is an InputError."""
+    from ..devices import resolve_device as resolve
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return str(resolve(device)[0])
 
 
 class TorchScriptExtractor:

@@ -98,6 +98,7 @@ class MagicAnimatePipeline(DiffusionPipeline):
         self.register_to_config(fusion_blocks=fusion_blocks)
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
+        self._interrupt = False
         self.reference_control = ReferenceAttentionControl(appearance_encoder, unet, fusion_blocks)
 
     # ------------------------------------------------------------------------------------------------ loading
