@@ -296,7 +296,7 @@ def launch(
     without it they are refused with a message saying how to get one. ``share`` also opens a temporary public
     gradio.live link (off by default: the demo has no login).
     """
-    from ..api import load_pipeline
+    from ..loading import load_pipeline
 
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     limits = limits or Limits()
