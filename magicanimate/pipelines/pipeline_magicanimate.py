@@ -146,8 +146,8 @@ class MagicAnimatePipeline(DiffusionPipeline):
             if refused:
                 raise InputError(
                     f"{' and '.join(refused)} cannot apply to the converted folder {root}: its UNet already joins SD "
-                    "1.5's weights and the motion modules; convert the release tree with these settings instead "
-                    "('magicanimate convert SRC DST --motion-only'), or load the release tree"
+                    "1.5's weights and the motion modules; load the release tree with these settings instead, or "
+                    "convert it again with motion_only"
                 )
             overrides = {}
             if pretrained_vae_path:
