@@ -164,6 +164,13 @@ SETTINGS: tuple[Setting, ...] = (
     S("controlnet_conditioning_scale", float, 1.0, "strength of the DensePose ControlNet", "sampling", low=0,
       high=10, argument="controlnet_conditioning_scale"),
     S("eta", float, 0.0, "DDIM eta (0: deterministic)", "sampling", low=0, high=1, argument="eta"),
+    S("scheduler", str, "ddim", "sampler: ddim (the original's), dpmpp_2m, unipc or euler, all on the original's "
+      "beta schedule (the last three reach a similar result in fewer steps)", "sampling",
+      choices=("ddim", "dpmpp_2m", "unipc", "euler")),
+    S("guidance_start", float, 0.0, "classifier-free guidance only from this fraction of the steps on (0: from the "
+      "first)", "sampling", low=0, high=1, argument="guidance_start"),
+    S("guidance_end", float, 1.0, "... up to this fraction (1: to the last); steps outside run the conditional "
+      "branch alone, about half the work", "sampling", low=0, high=1, argument="guidance_end"),
     # Output.
     S("fps", float, None, "frames per second of the result (null: the motion video's)", "output", above=0,
       high=1000, nullable=True),
@@ -178,8 +185,13 @@ SETTINGS: tuple[Setting, ...] = (
       "execution", scope="load"),
     S("motion_attention", str, "sdpa", "motion-module attention: sdpa (fused kernels) or bmm (two batched "
       "matmuls, the original's)", "execution", choices=("sdpa", "bmm"), scope="load"),
-    S("compile", bool, False, "torch.compile the video UNet (a GPU speed-up; slow first call)", "execution",
-      scope="load"),
+    S("compile", bool, False, "torch.compile the video UNet and the ControlNet (a GPU speed-up; slow first call)",
+      "execution", scope="load"),
+    S("compile_mode", str, "default", "torch.compile mode: default, max-autotune, or reduce-overhead (CUDA graphs)",
+      "execution", choices=("default", "max-autotune", "reduce-overhead"), scope="load"),
+    S("share_down_path", bool, True, "run the video UNet's down blocks once for both guidance branches where they "
+      "see the same input (fusion_blocks midup, one prompt): same result up to rounding, less work", "execution",
+      argument="share_down_path"),
     S("decode_chunk_size", int, 16, "frames per VAE decode call (fewer: less memory)", "execution", low=1,
       high=4096, argument="decode_chunk_size"),
     S("cfg_parallel", bool, False, "with several processes: the guidance branches on different ranks (needs an "
@@ -280,6 +292,12 @@ def load_config(path: str | Path | Mapping | None = None, **overrides) -> DictCo
         for values in layers:
             merged.update(values)
     checked = {name: BY_NAME[name].check(value) for name, value in merged.items()}
+    if checked["guidance_start"] > checked["guidance_end"]:
+        raise SettingError(
+            "guidance_start",
+            f"setting guidance_start ({checked['guidance_start']:g}) must not be above guidance_end "
+            f"({checked['guidance_end']:g})",
+        )
     if checked["context_overlap"] >= checked["context_frames"]:
         raise SettingError(
             "context_overlap",
