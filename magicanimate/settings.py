@@ -168,9 +168,9 @@ SETTINGS: tuple[Setting, ...] = (
       "beta schedule (the last three reach a similar result in fewer steps)", "sampling",
       choices=("ddim", "dpmpp_2m", "unipc", "euler")),
     S("guidance_start", float, 0.0, "classifier-free guidance only from this fraction of the steps on (0: from the "
-      "first)", "sampling", low=0, high=1, argument="guidance_start"),
+      "first)", "sampling", low=0, high=1),
     S("guidance_end", float, 1.0, "... up to this fraction (1: to the last); steps outside run the conditional "
-      "branch alone, about half the work", "sampling", low=0, high=1, argument="guidance_end"),
+      "branch alone, about half the work", "sampling", low=0, high=1),
     # Output.
     S("fps", float, None, "frames per second of the result (null: the motion video's)", "output", above=0,
       high=1000, nullable=True),
@@ -191,7 +191,7 @@ SETTINGS: tuple[Setting, ...] = (
       "execution", choices=("default", "max-autotune", "reduce-overhead"), scope="load"),
     S("share_down_path", bool, True, "run the video UNet's down blocks once for both guidance branches where they "
       "see the same input (fusion_blocks midup, one prompt): same result up to rounding, less work", "execution",
-      argument="share_down_path"),
+      ),
     S("decode_chunk_size", int, 16, "frames per VAE decode call (fewer: less memory)", "execution", low=1,
       high=4096, argument="decode_chunk_size"),
     S("cfg_parallel", bool, False, "with several processes: the guidance branches on different ranks (needs an "
