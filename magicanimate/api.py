@@ -40,11 +40,13 @@ CPU_FLOPS_PER_THREAD = 5e10
 @dataclass
 class Video:
     """Frames ``(F, H, W, 3)`` uint8 RGB at ``fps``; ``audio`` is a file whose sound track goes into saved mp4s
-    (the driving video's, set by :func:`animate`; ``None`` for a silent video)."""
+    (the driving video's, set by :func:`animate`; ``None`` for a silent video). From :func:`animate`, ``motion`` is
+    the DensePose sequence the animation followed (the one given, or the one extracted from a driving video)."""
 
     frames: np.ndarray
     fps: float
     audio: Path | None = None
+    motion: np.ndarray | None = None
 
     def save(self, path: str | Path, crf: int = 18) -> Path:
         """Write ``.mp4`` (H.264 + AAC audio when there is ``audio``; plays in browsers), ``.gif``, or PNG frames into
@@ -154,6 +156,7 @@ def animate(
             align_to=reference if align_to_reference else None,
             max_frames=config.max_frames,
             device=config.device,
+            progress=progress is None,  # a caller with its own progress display gets no terminal bar
         )
     else:
         frames, motion_fps, name = read_motion(motion, config.max_frames)
@@ -174,27 +177,30 @@ def animate(
     import torch
 
     from .distributed import is_distributed  # imports torch: only once the inputs are known to be good
+    from .pipelines.schedulers import scheduler_for_call
 
     def on_step(pipe, step, timestep, tensors):
         if progress is not None:
             progress(step + 1, config.steps)
         return tensors
 
-    result = pipe(
-        reference,
-        frames,
-        height=height,
-        width=width,
-        generator=torch.Generator(pipe._execution_device).manual_seed(config.seed),
-        callback_on_step_end=on_step,
-        distributed=is_distributed(),
-        **pipeline_arguments(config),
-    ).frames
+    # The scheduler setting holds for this call only: batch jobs and the demo share one pipeline.
+    with scheduler_for_call(pipe, config.scheduler):
+        result = pipe(
+            reference,
+            frames,
+            height=height,
+            width=width,
+            generator=torch.Generator(pipe._execution_device).manual_seed(config.seed),
+            callback_on_step_end=on_step,
+            distributed=is_distributed(),
+            **pipeline_arguments(config),
+        ).frames
     video = (result * 255).round().astype(np.uint8)
     if config.grid:
         sized_reference = np.asarray(reference.resize((width, height)))
         video = grid_frames(sized_reference, pipe.resize_frames(frames, height, width), video)
-    return Video(frames=video, fps=config.fps or motion_fps, audio=audio)
+    return Video(frames=video, fps=config.fps or motion_fps, audio=audio, motion=frames)
 
 
 def _tell_plan(num_frames: int, height: int, width: int, config, pipeline) -> None:

@@ -61,3 +61,18 @@ def test_compile_on_a_cpu_warns_once(tiny_tree):
     with pytest.warns(UserWarning, match="compile on a CPU"):
         apply_speed_settings(pipe, load_config(compile=True))
     assert pipe.unet.__class__.__name__ == "OptimizedModule"
+
+
+def test_a_driving_video_is_turned_into_densepose_first(tiny_pipe, reference_image, tmp_path):
+    from test_densepose import save_stand_in, walking_video
+
+    from magicanimate.densepose import looks_like_densepose
+
+    model = save_stand_in(tmp_path / "stand_in.torchscript")
+    walk = walking_video(tmp_path / "walk.mp4", frames=30, fps=30.0)
+    video = animate(reference_image, driving=walk, densepose_model=model, pipeline=tiny_pipe, steps=1, size=64,
+                    max_frames=12, device="cpu")  # fmt: skip
+    assert video.motion.shape == (12, 64, 64, 3) and looks_like_densepose(video.motion)
+    assert video.frames.shape == (12, 64, 64, 3) and video.fps == 25.0
+    with pytest.raises(InputError, match="not a DensePose video"):
+        animate(reference_image, walk, pipeline=tiny_pipe, steps=1, size=64)  # a raw video given as motion

@@ -257,13 +257,17 @@ class Animator:
             check_cancel()
             progress("denoising", step, total, "steps")
 
-        settings = {key: value for key, value in config.items() if key not in ("grid", "max_frames", "preset")}
-        settings.update(fps=None, check_motion=False)  # the demo decided what the driving video is, above
+        settings = {key: value for key, value in config.items() if key not in ("grid", "preset")}
+        settings.update(fps=None, check_motion=False, max_frames=wanted)  # the demo decided what the video is, above
         with self._lock:  # the models (the DensePose one too) serve one request at a time
-            if raw:
-                frames, fps = self._extract(Path(driving), size, wanted, clip, progress, check_cancel)
-            video = animate(reference, frames, pipeline=self.pipeline, config=settings, progress=on_step)
-        video.fps = fps
+            if raw:  # the same path as `animate --driving` and batch jobs, with the extraction's progress shown
+                extractor = self._counting_extractor(size, wanted, clip, progress, check_cancel)
+                video = animate(reference, driving=Path(driving), densepose_model=extractor, pipeline=self.pipeline,
+                                config=settings, progress=on_step)  # fmt: skip
+            else:
+                video = animate(reference, frames, pipeline=self.pipeline, config=settings, progress=on_step)
+                video.fps = fps  # the uploaded video's own rate (frames given as an array carry none)
+        frames, fps = video.motion, video.fps
         video.audio = Path(driving) if has_audio(driving) else None
         files = 1 + grid + preview
         progress("writing video", 0, files, "videos")
@@ -281,11 +285,9 @@ class Animator:
             progress("writing video", files, files, "videos")
         return result
 
-    def _extract(self, video: Path, size: int, wanted: int, clip: Driving, progress: Progress, check_cancel):
-        """DensePose of a raw video, ``(frames, fps)``, reporting every source frame looked at."""
-        from ..densepose import extract_motion
-
-        # extract_motion reads enough source frames for `wanted` frames at 25 fps, plus one.
+    def _counting_extractor(self, size: int, wanted: int, clip: Driving, progress: Progress, check_cancel):
+        """The loaded DensePose model, reporting every source frame it looks at (and stopping on Stop)."""
+        # The extraction reads enough source frames for `wanted` frames at 25 fps, plus one.
         total = len(clip.frames) if not clip.cut else math.ceil(wanted * clip.fps / DENSEPOSE_FPS) + 1
         if clip.frame_count:
             total = min(total, clip.frame_count)
@@ -295,8 +297,7 @@ class Animator:
             progress("DensePose", done, total, "frames")
 
         progress("DensePose", 0, total, "frames")
-        counted = _CountingExtractor(self.extractor, on_frame)
-        return extract_motion(video, model=counted, size=size, fps=DENSEPOSE_FPS, max_frames=wanted, progress=False)
+        return _CountingExtractor(self.extractor, on_frame)
 
     def sweep(self) -> None:
         """Delete runs older than ``keep_seconds`` (their files were copied into Gradio's cache long ago)."""
