@@ -236,8 +236,9 @@ class VideoWriter:
                 self._audio_stream = _add_audio_stream(self._container, self.audio_from)
         elif frame.shape[:2] != (self._stream.height, self._stream.width):
             raise InputError(f"frame {self.frame_count} has size {width}x{height}, unlike the first frame")
-        # Converted to yuv420p here, not inside encode(): PyAV's implicit conversion there made the same frames
-        # encode to different bytes from run to run (8 variants in 10 encodes measured); this way they are identical.
+        # Converted to yuv420p here, not inside encode(): with PyAV's implicit conversion there the same frames gave
+        # 8 different files in 10 encodes in one process (measured); converted here, repeated encodes in a process
+        # agree. (The first encode of a fresh process can still differ: x264's output is not promised bit-exact.)
         video_frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24").reformat(format="yuv420p")
         video_frame.pts, video_frame.time_base = self.frame_count, 1 / self.rate
         self._container.mux(self._stream.encode(video_frame))
