@@ -3,6 +3,7 @@
     python benchmarks/bench_pipeline.py --device cuda --mode parity --frames 16 32 64
     python benchmarks/bench_pipeline.py --device cuda --mode fast --frames 64 256 1024
     python benchmarks/bench_pipeline.py --flops-only --mode fast --frames 64      # no GPU needed (meta device)
+    python benchmarks/bench_pipeline.py --flops-only --preset fast --frames 64    # a preset's call settings
     python benchmarks/bench_pipeline.py --device cpu --reduced --frames 16 32     # CPU proxy, same topology
 
 Settings are the performance anchor's (shared/docs/performance-anchor.md): 512x512, 25 DDIM steps, guidance 7.5,
@@ -14,6 +15,8 @@ rows, ControlNet streamed in chunks, batched decode) are on in both modes.
 """
 
 import argparse
+import ctypes
+import gc
 import json
 import statistics
 import tempfile
@@ -30,7 +33,8 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from magicanimate.loading import apply_speed_settings
 from magicanimate.models import VideoUNet, magicanimate_motion_adapter
 from magicanimate.pipelines import MagicAnimatePipeline, context_windows, magicanimate_scheduler
-from magicanimate.settings import load_config
+from magicanimate.pipelines.schedulers import scheduler_for_call
+from magicanimate.settings import PRESETS, load_config, pipeline_arguments
 
 SD15_UNET = {
     "in_channels": 4,
@@ -159,14 +163,70 @@ def synchronize(device):
         torch.cuda.synchronize()
 
 
+class HostMemory:
+    """Peak resident memory (RSS) of this process over a stretch of a run, above what it held at the start (Linux).
+
+    :meth:`start` hands freed heap back to the system (glibc ``malloc_trim``), so memory freed by earlier runs
+    neither hides growth nor counts as it, and resets the kernel's high-water mark (``/proc/self/clear_refs``);
+    :meth:`phase` reads the mark (exact, not sampled: short peaks count) and resets it for the next phase. On other
+    systems every figure is None.
+    """
+
+    def __init__(self):
+        self.available = Path("/proc/self/clear_refs").exists()
+        self.base_kib = None
+
+    @staticmethod
+    def _status_kib(field: str) -> int:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+        raise KeyError(field)
+
+    def _reset_peak(self) -> None:
+        Path("/proc/self/clear_refs").write_text("5")
+
+    def start(self) -> None:
+        if not self.available:
+            return
+        gc.collect()
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
+        self._reset_peak()
+        self.base_kib = self._status_kib("VmRSS")
+
+    def phase(self) -> float | None:
+        """MiB above the start at the highest point since the last call (or :meth:`start`)."""
+        if not self.available:
+            return None
+        peak = self._status_kib("VmHWM")
+        self._reset_peak()
+        return (peak - self.base_kib) / 1024
+
+
+def call_settings(mode: str, steps: int | None = None, preset: str | None = None) -> tuple[dict, str]:
+    """``(pipeline call keywords, scheduler name)`` of a run: the defaults with ``mode``'s windows, or with ``preset``
+    that preset's call settings instead (its steps, scheduler, guidance interval, windows); ``steps`` wins if given."""
+    config = load_config(preset=preset) if preset is not None else load_config(**MODES[mode])
+    call = pipeline_arguments(config)
+    call.pop("share_down_path", None)  # the bench's own --share-down-path decides
+    if steps is not None:
+        call["num_inference_steps"] = steps
+    return call, config.scheduler
+
+
 def timed_run(pipe, frames, mode, steps, device, count_flops=False):
     """One pipeline call: wall / denoise / decode seconds, peak memory, calls per network, and optionally FLOPs."""
     reference, motion = inputs(frames, sizes(args.reduced)["px"])
     decode_time = [0.0]
     decode = pipe.decode_latents
+    memory, denoise_rss = HostMemory(), []
 
     def timed_decode(*args, **kwargs):
         synchronize(device)
+        denoise_rss.append(memory.phase())
         start = time.perf_counter()
         out = decode(*args, **kwargs)
         synchronize(device)
@@ -177,24 +237,25 @@ def timed_run(pipe, frames, mode, steps, device, count_flops=False):
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     flops = FlopCounterMode(display=False) if count_flops else None
+    call, scheduler = call_settings(mode, steps, args.preset)
+    if not args.share_down_path:
+        call["share_down_path"] = False
+    if args.decode_chunk_size is not None:
+        call["decode_chunk_size"] = args.decode_chunk_size
     with call_counter(pipe) as counts:
         synchronize(device)
+        memory.start()
         start = time.perf_counter()
-        with flops or torch.no_grad():
-            pipe(
-                reference,
-                motion,
-                num_inference_steps=steps,
-                generator=torch.Generator(device).manual_seed(0),
-                **MODES[mode],
-            )
+        with flops or torch.no_grad(), scheduler_for_call(pipe, scheduler):
+            pipe(reference, motion, generator=torch.Generator(device).manual_seed(0), **call)
         synchronize(device)
         wall = time.perf_counter() - start
+    decode_rss = memory.phase()  # the decode and the conversion of the frames to the output type
     del pipe.decode_latents
     cuda = device.startswith("cuda")
     return {
         "frames": frames,
-        "mode": mode,
+        "mode": mode if args.preset is None else f"{mode}, preset {args.preset}",
         "device": device,
         "wall_s": wall,
         "s_per_frame": wall / frames,
@@ -202,20 +263,29 @@ def timed_run(pipe, frames, mode, steps, device, count_flops=False):
         "decode_s": decode_time[0],
         "peak_alloc_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
         "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if cuda else None,
+        "peak_rss_mib": max(denoise_rss[0], decode_rss) if memory.available else None,
+        "peak_rss_denoise_mib": denoise_rss[0] if memory.available else None,
+        "peak_rss_decode_mib": decode_rss,
         "calls": dict(counts),
         "tflop": flops.get_total_flops() / 1e12 if flops else None,
     }
 
 
-def count_flops_meta(frames: int, mode: str, steps: int, reduced: bool) -> dict:
+def count_flops_meta(
+    frames: int, mode: str, steps: int | None, reduced: bool, share_down_path: bool = True, preset: str | None = None
+) -> dict:
     """Work of a whole call at full size, without running it: each network call is counted once on the meta device
-    (FlopCounterMode needs shapes only) and multiplied by how often the pipeline makes it."""
+    (FlopCounterMode needs shapes only) and multiplied by how often the pipeline makes it. Steps outside the guidance
+    interval run the conditional branch alone."""
     pipe = build_pipeline(reduced, device="meta")
     px = sizes(reduced)["px"]
     h = px // 8
     padded = -(-frames // 16) * 16
-    windows = context_windows(padded, 16, 4, MODES[mode]["context_schedule"])
-    per_call = MODES[mode]["context_batch_size"]
+    call, _ = call_settings(mode, steps, preset)
+    steps = call["num_inference_steps"]
+    guided_steps = sum(call["guidance_start"] <= i / steps < call["guidance_end"] for i in range(steps))
+    windows = context_windows(padded, 16, 4, call["context_schedule"])
+    per_call = call["context_batch_size"]
     call_sizes = [min(per_call, len(windows) - first) for first in range(0, len(windows), per_call)]
 
     def flops(fn):
@@ -242,30 +312,31 @@ def count_flops_meta(frames: int, mode: str, steps: int, reduced: bool) -> dict:
             )
         )
 
-        def unet_call(windows_in_call, first):
-            rows = 2 * windows_in_call
+        def unet_call(windows_in_call, first, branches=(False, True)):
             if first:  # the first call of a step also projects the reference keys/values
                 pipe.reference_control.load_reference()
-            pipe.reference_control.set_conditional(torch.arange(rows, device="cpu") >= windows_in_call)
-            residuals = [r.repeat(rows, 1, 1, 1) for r in (*down, mid)]
+            residuals = [r.repeat(windows_in_call, 1, 1, 1) for r in (*down, mid)]  # the frames of the windows
             return flops(
-                lambda: pipe.unet(
-                    torch.empty(rows, 4, 16, h, h),
+                lambda: pipe.denoise_windows(
+                    torch.empty(1, 4, padded, h, h),
                     1,
-                    text.expand(rows * 16, -1, -1),
-                    down_block_additional_residuals=residuals[:-1],
-                    mid_block_additional_residual=residuals[-1],
+                    text,
+                    windows[:windows_in_call],
+                    residuals,
+                    list(branches),
+                    share_down_path=share_down_path,
                 )
             )
 
         pipe.encode_appearance(latent, 1, text)
-        first = unet_call(call_sizes[0], True)
-        others = {size: unet_call(size, False) for size in set(call_sizes[1:])}
-        work["unet"] = steps * (first + sum(others[size] for size in call_sizes[1:]))
+        for branches, count in (((False, True), guided_steps), ((True,), steps - guided_steps)):
+            first = unet_call(call_sizes[0], True, branches)
+            others = {size: unet_call(size, False, branches) for size in set(call_sizes[1:])}
+            work["unet"] = work.get("unet", 0.0) + count * (first + sum(others[size] for size in call_sizes[1:]))
         work["vae_decode"] = frames * flops(lambda: pipe.vae.decode(torch.empty(1, 4, h, h)))
     return {
         "frames": frames,
-        "mode": mode,
+        "mode": mode if preset is None else f"{mode}, preset {preset}",
         "tflop": sum(work.values()),
         "tflop_by_network": work,
         "calls": {"unet": steps * len(call_sizes), "controlnet": steps * (padded // 16), "appearance_encoder": steps},
@@ -278,7 +349,13 @@ def main():
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--mode", choices=sorted(MODES), default="parity")
     parser.add_argument("--frames", type=int, nargs="+", default=[16, 32, 64])
-    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: 25, or the preset's)")
+    parser.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        help="the preset's call settings (steps, scheduler, guidance interval, windows) instead of the mode's "
+        "windows; the mode still picks the speed switches",
+    )
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--reduced", action="store_true", help="narrow widths and 128 px (a CPU proxy)")
     parser.add_argument("--flops-only", action="store_true", help="count work at full size on the meta device")
@@ -286,10 +363,20 @@ def main():
     parser.add_argument("--compile", action="store_true", help="torch.compile the video UNet (fast mode)")
     parser.add_argument("--motion-attention", choices=("sdpa", "bmm"), default="sdpa", help="motion-module attention")
     parser.add_argument("--json", action="store_true", help="one JSON object per line and run")
+    parser.add_argument(
+        "--share-down-path",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="one UNet down path for both guidance branches (the pipeline's default; --no-share-down-path: two)",
+    )
+    parser.add_argument("--decode-chunk-size", type=int, help="frames per VAE decode call (default: the pipeline's)")
     args = parser.parse_args()
 
     if args.flops_only:
-        rows = [count_flops_meta(n, args.mode, args.steps, args.reduced) for n in args.frames]
+        rows = [
+            count_flops_meta(n, args.mode, args.steps, args.reduced, args.share_down_path, args.preset)
+            for n in args.frames
+        ]
     else:
         dtype = torch.float16 if args.device.startswith("cuda") else torch.float32
         pipe = build_pipeline(args.reduced, args.device, dtype).to(args.device)
@@ -300,14 +387,15 @@ def main():
             pipe.controlnet.to(memory_format=torch.channels_last)
             if args.compile:
                 pipe.unet = torch.compile(pipe.unet)
-        timed_run(pipe, 16, args.mode, min(args.steps, 2), args.device)  # warm-up
+        timed_run(pipe, 16, args.mode, 2, args.device)  # warm-up
         rows = []
         for n in args.frames:
             runs = [
                 timed_run(pipe, n, args.mode, args.steps, args.device, args.flops and i == 0)
                 for i in range(args.repeats)
             ]
-            row = {**runs[0], **{k: statistics.median(r[k] for r in runs) for k in ("wall_s", "denoise_s", "decode_s")}}
+            medians = ("wall_s", "denoise_s", "decode_s", "peak_rss_mib", "peak_rss_denoise_mib", "peak_rss_decode_mib")
+            row = {**runs[0], **{k: statistics.median(r[k] for r in runs) for k in medians if runs[0][k] is not None}}
             row.update(s_per_frame=row["wall_s"] / n, runs_s=[round(r["wall_s"], 3) for r in runs])
             row["tflop_per_s"] = row["tflop"] / row["wall_s"] if row["tflop"] else None
             rows.append(row)
@@ -315,6 +403,7 @@ def main():
         row.setdefault("wall_s", None)
         row.setdefault("s_per_frame", None)
         row.setdefault("peak_alloc_gib", None)
+        row.setdefault("peak_rss_mib", None)
     if args.json:
         for row in rows:
             print(json.dumps(row))
@@ -328,6 +417,9 @@ def main():
         "decode_s",
         "peak_alloc_gib",
         "peak_reserved_gib",
+        "peak_rss_mib",
+        "peak_rss_denoise_mib",
+        "peak_rss_decode_mib",
         "tflop",
         "tflop_per_s",
         "calls",

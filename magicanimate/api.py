@@ -20,8 +20,8 @@ from .io import VideoWriter, load_image, read_video, write_gif, write_png_frames
 from .io.image import MIN_SIDE
 from .io.output import output_kind
 from .io.video import has_audio
-from .loading import load_pipeline
-from .settings import frame_size, load_config, pipeline_arguments
+from .loading import call_arguments, load_pipeline
+from .settings import frame_size, load_config
 
 __all__ = ["Video", "animate", "estimate_seconds", "grid_frames", "load_pipeline"]
 
@@ -194,7 +194,7 @@ def animate(
             generator=torch.Generator(pipe._execution_device).manual_seed(config.seed),
             callback_on_step_end=on_step,
             distributed=is_distributed(),
-            **pipeline_arguments(config),
+            **call_arguments(config, pipe),
         ).frames
     video = (result * 255).round().astype(np.uint8)
     if config.grid:

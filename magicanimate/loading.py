@@ -9,7 +9,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from .settings import PIECE_KEYS, load_config
+from .settings import PIECE_KEYS, load_config, pipeline_arguments
 
 log = logging.getLogger("magicanimate")
 
@@ -33,10 +33,16 @@ def load_pipeline(config: DictConfig | str | Path | None = None, **settings):
         )
     import torch
 
-    for component in pipe.components.values():
-        # torch's own .to: DiffusionPipeline.to warns about float16 on a CPU even where it works.
-        if isinstance(component, torch.nn.Module):
-            torch.nn.Module.to(component, device)
+    if config.low_vram and device.type == "cpu":
+        warnings.warn("low_vram saves accelerator memory; on a CPU it changes nothing", stacklevel=2)
+    if config.low_vram and device.type != "cpu":
+        # The models stay on the CPU; each moves to the device when it runs, and the one before it leaves.
+        pipe.enable_model_cpu_offload(device=device)
+    else:
+        for component in pipe.components.values():
+            # torch's own .to: DiffusionPipeline.to warns about float16 on a CPU even where it works.
+            if isinstance(component, torch.nn.Module):
+                torch.nn.Module.to(component, device)
     log.info(f"models loaded in {time.perf_counter() - start:.0f} s")
     return apply_speed_settings(pipe, config)
 
@@ -95,5 +101,35 @@ def apply_speed_settings(pipe, config):
                 "pays off on a GPU",
                 stacklevel=2,
             )
-        pipe.unet = torch.compile(pipe.unet)
+        compile_models(pipe, config.compile_mode)
     return pipe
+
+
+# What low_vram changes in every call on an accelerator: one frame per VAE decode call (the decoder's full-resolution
+# activations are the largest tensors of a call) and one window per UNet call.
+LOW_VRAM_CALL = {"decode_chunk_size": 1, "context_batch_size": 1}
+
+
+def call_arguments(config, pipe) -> dict:
+    """The ``MagicAnimatePipeline.__call__`` keyword arguments of the settings, with ``low_vram``'s on an
+    accelerator (:data:`LOW_VRAM_CALL`, over the settings' own values)."""
+    arguments = pipeline_arguments(config)
+    if config.low_vram and pipe._execution_device.type != "cpu":
+        arguments.update(LOW_VRAM_CALL)
+    return arguments
+
+
+def compile_models(pipe, mode: str = "default", **options) -> None:
+    """``torch.compile`` the video UNet and the ControlNet, with ``mode`` ``"default"``, ``"max-autotune"`` or
+    ``"reduce-overhead"`` (CUDA graphs); ``options`` go to ``torch.compile`` (e.g. ``backend``).
+
+    The compiled wrappers replace the pipeline's components and forward everything else (config, dtype) to the
+    models, whose reference-attention processors stay installed. Both calls of a denoising step trace as one graph
+    each, without graph breaks (tests/test_compile.py). Each new window-batch shape or reference-row pattern (a
+    guided or conditional-only step, a shorter last batch) compiles once and is then reused; CUDA graphs replay
+    fixed shapes, which a window schedule gives.
+    """
+    import torch
+
+    pipe.unet = torch.compile(pipe.unet, mode=mode, **options)
+    pipe.controlnet = torch.compile(pipe.controlnet, mode=mode, **options)

@@ -1,6 +1,7 @@
 """Model-level behaviour: the two GroupNorm variants, the video UNet's key set, reference attention (by hand and
 against the original's recorded UNet call / appearance-encoder banks), and the context-window schedules."""
 
+import copy
 import math
 
 import numpy as np
@@ -74,6 +75,61 @@ def test_cross_frame_group_norm_keeps_clips_of_a_batch_apart():
     torch.testing.assert_close(norm(flat)[f:], norm(changed)[f:])
 
 
+def _clip_norm_case(offset: bool, seed: int = 0):
+    """A (b, c, f, h, w) clip, the torch GroupNorm of it in float64 (the reference) and our norm with its weights.
+    ``offset``: the first group's channels sit at ~20 with a spread of ~0.1 (mean / std ~ 160), where a variance
+    taken as E[x^2] - E[x]^2 in float32 loses ~3 digits (5e-3 off, measured)."""
+    b, c, f, h, w, groups = 2, 16, 5, 6, 4, 4
+    x5 = _frames_with_different_statistics(b, c, f, h, w, seed)
+    if offset:
+        x5[:, : c // groups] = x5[:, : c // groups] * 0.05 + 20
+    reference = _affine_like(nn.GroupNorm(groups, c, eps=1e-5)).double()
+    norm = CrossFrameGroupNorm(groups, c, eps=1e-5)
+    norm.load_state_dict({k: v.float() for k, v in reference.state_dict().items()})
+    norm.num_frames = f
+    flat = x5.permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w)  # (b f) c h w, frame index fastest
+    return flat, reference(x5.double()).permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w), norm
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
+@pytest.mark.parametrize("offset", [False, True], ids=["centred", "offset"])
+@torch.no_grad()
+def test_cross_frame_group_norm_matches_float64_in_either_layout(channels_last, offset):
+    """Float32 rounding only, for both memory layouts, also for a group whose mean is far above its spread.
+    Measured (3 seeds): 6.4e-7 centred; up to 2.0e-5 offset (torch's own float32 GroupNorm of the 5-D clip: 1.5e-5),
+    where the E[x^2] - E[x]^2 shortcut is 4e-3 to 7e-3 off. The output keeps the input's layout."""
+    for seed in range(3):
+        flat, expected, norm = _clip_norm_case(offset, seed)
+        x = flat.to(memory_format=torch.channels_last) if channels_last else flat
+        out = norm(x)
+        assert out.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        torch.testing.assert_close(out.double(), expected, rtol=0, atol=1e-4 if offset else 1e-5)
+
+
+@torch.no_grad()
+def test_cross_frame_group_norm_keeps_float32_statistics_for_float16_inputs():
+    """A float16 input gives the float32 result of the same values, rounded once to float16. Statistics rounded to
+    float16 would put the offset group off by ~|mean| / std * 2^-11 ~ 0.1."""
+    flat, _, norm = _clip_norm_case(offset=True)
+    half = flat.half()
+    out, out32 = norm(half), norm(half.float())
+    assert out.dtype == torch.float16
+    one_ulp = 2.0**-10 * out32.abs().max().item()  # float16 spacing at the output's largest magnitude
+    torch.testing.assert_close(out.float(), out32, rtol=0, atol=one_ulp)
+
+
+def test_cross_frame_group_norm_in_place_path_equals_the_autograd_path():
+    """Without autograd the norm scales and shifts its centred tensor in place; with it, out of place. Same ops,
+    same bits; the autograd path backpropagates."""
+    flat, _, norm = _clip_norm_case(offset=False)
+    with torch.no_grad():
+        in_place = norm(flat)
+    out = norm(flat.requires_grad_())
+    torch.testing.assert_close(out, in_place, rtol=0, atol=0)
+    out.square().sum().backward()
+    assert flat.grad is not None and norm.weight.grad is not None and flat.grad.abs().max() > 0
+
+
 def test_per_frame_group_norm_on_5d_equals_group_norm_of_each_frame():
     b, c, f, h, w = 2, 8, 5, 3, 4
     x5 = _frames_with_different_statistics(b, c, f, h, w)
@@ -114,6 +170,82 @@ def test_video_unet_state_dict_matches_unet_motion_model(unet2d_and_adapter):
         torch.testing.assert_close(ours[key], value, msg=key)
     assert "down_blocks.0.resnets.0.norm1.weight" in ours and "conv_norm_out.weight" in ours
     assert "down_blocks.0.motion_modules.0.norm.weight" in ours
+
+
+def _unet_call_inputs(video, windows=2, frames=16, seed=5):
+    """Latents, per-frame text and ControlNet-shaped residuals (random) for a tiny VideoUNet call."""
+    g = torch.Generator().manual_seed(seed)
+    sample = torch.randn(windows, 4, frames, 8, 8, generator=g)
+    text = torch.randn(1, 77, 32, generator=g).expand(windows * frames, -1, -1)
+    skips = video.forward_down(sample, 500, text).skips  # shapes of the 12 skip connections
+    down = [0.3 * torch.randn(skip.shape, generator=g) for skip in skips]
+    mid = 0.3 * torch.randn((windows * frames, TINY_CHANNELS[-1], 1, 1), generator=g)
+    return sample, text, down, mid
+
+
+@torch.no_grad()
+def test_forward_down_then_mid_up_is_diffusers_forward(unet2d_and_adapter):
+    """The two halves, run one after the other, are UNetMotionModel.forward: the same blocks in the same order on
+    the same shapes (measured: bit-identical). The mid/up half leaves its input untouched, so it can run twice."""
+    from magicanimate.models.video_unet import VideoUNet
+
+    video = VideoUNet.from_unet2d(*unet2d_and_adapter)
+    sample, text, down, mid = _unet_call_inputs(video)
+    for timestep in (500, torch.tensor(500), torch.tensor([500])):
+        residuals = {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
+        expected = video(sample, timestep, text, **residuals)
+        halves = video.forward_down(sample, timestep, text, down_block_additional_residuals=down)
+        first = video.forward_mid_up(halves, text, mid_block_additional_residual=mid)
+        second = video.forward_mid_up(halves, text, mid_block_additional_residual=mid)
+        torch.testing.assert_close(first, expected.sample, rtol=0, atol=1e-6)
+        torch.testing.assert_close(second, first, rtol=0, atol=0)
+    assert expected.sample.abs().max() > 0.1  # not a degenerate output
+
+
+def _guided_unet_call(unet, appearance, shared: bool, dtype=torch.float32):
+    """One UNet call for an unconditional and a conditional copy of one window (the second attends to the
+    reference), either on two plain copies or with ``mid_up_repeats=2`` on one."""
+    control = ReferenceAttentionControl(appearance, unet, "midup")
+    reference, sample, text = (t.to(dtype) for t in _tiny_inputs(seed=2))
+    one, text_one = sample[:1], text.expand(16, -1, -1)
+    g = torch.Generator().manual_seed(4)
+    down = [0.3 * torch.randn(s.shape, generator=g).to(dtype) for s in unet.forward_down(one, 500, text_one).skips]
+    mid = 0.3 * torch.randn((16, TINY_CHANNELS[-1], 1, 1), generator=g).to(dtype)
+    control.clear()
+    appearance(reference.repeat(2, 1, 1, 1), 500, encoder_hidden_states=text.expand(2, -1, -1))  # 1x1: two rows
+    control.load_reference()
+    control.set_conditional(torch.tensor([False, True]))
+    try:
+        if shared:
+            return unet(one, 500, text_one, down_block_additional_residuals=down, mid_block_additional_residual=mid,
+                        mid_up_repeats=2).sample  # fmt: skip
+        return unet(
+            one.repeat(2, 1, 1, 1, 1),
+            500,
+            text_one.repeat(2, 1, 1),
+            down_block_additional_residuals=[r.repeat(2, 1, 1, 1) for r in down],
+            mid_block_additional_residual=mid.repeat(2, 1, 1, 1),
+        ).sample
+    finally:
+        control.clear()
+
+
+@torch.no_grad()
+def test_mid_up_repeats_equals_forward_on_repeated_rows(fresh_models):
+    """``mid_up_repeats=2`` on one copy of the inputs = the plain forward on two copies, here with the second copy
+    attending to a reference in the mid/up blocks (MagicAnimate's guidance branches). The down path then runs at
+    half the batch, so only rounding differs. Measured: 4.4e-6, while the same plain call in float32 is 5.4e-6 from
+    float64 (printed)."""
+    unet, appearance = fresh_models
+    plain = _guided_unet_call(unet, appearance, shared=False)
+    shared = _guided_unet_call(unet, appearance, shared=True)
+    plain64 = _guided_unet_call(copy.deepcopy(unet).double(), copy.deepcopy(appearance).double(), False, torch.float64)
+    deviation = (shared - plain).abs().max().item()
+    rounding = (plain.double() - plain64).abs().max().item()
+    print(f"mid_up_repeats=2 vs two plain copies: {deviation:.2e} (plain float32 vs float64: {rounding:.2e})")
+    assert shared.shape == plain.shape == (2, 4, 16, 8, 8)
+    assert deviation <= 2e-5
+    assert (plain[1] - plain[0]).abs().max() > 1e-3, "the copies do not differ: the test would not see a mix-up"
 
 
 # ------------------------------------------------------------------------------------------------ reference layers

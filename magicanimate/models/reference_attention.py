@@ -58,7 +58,7 @@ class ReferenceReadProcessor(AttnProcessor2_0):
 
     def __init__(self):
         super().__init__()
-        self.conditional: torch.Tensor | None = None
+        self.conditional: tuple[bool, ...] | None = None
         self.set_reference(None)
 
     def set_reference(self, reference: torch.Tensor | None) -> None:
@@ -67,18 +67,22 @@ class ReferenceReadProcessor(AttnProcessor2_0):
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kw):
         plain = super().__call__
-        if self.reference is None or self.conditional is None or not bool(self.conditional.any()):
+        conditional = self.conditional
+        if self.reference is None or not conditional or not any(conditional):
             return plain(attn, hidden_states, attention_mask=attention_mask, temb=temb)
-        # Row indices (not boolean masks) so shapes never depend on tensor values: works on any device, even "meta".
-        conditional = self.conditional.cpu().repeat_interleave(hidden_states.shape[0] // self.conditional.numel())
-        if bool(conditional.all()):
+        if all(conditional):
             return self.attend_with_reference(attn, hidden_states)
-        cond_rows = conditional.nonzero().flatten().to(hidden_states.device)
-        plain_rows = (~conditional).nonzero().flatten().to(hidden_states.device)
-        out = torch.empty_like(hidden_states)
-        out.index_copy_(0, cond_rows, self.attend_with_reference(attn, hidden_states.index_select(0, cond_rows)))
-        out.index_copy_(0, plain_rows, plain(attn, hidden_states.index_select(0, plain_rows)))
-        return out
+        # Runs of batch items with the same flag, picked by Python bools: the split is fixed when torch.compile traces
+        # the call (no graph break), shapes never depend on tensor values (any device, even "meta"), and no index
+        # tensor is copied to the device in every layer. The pipeline's calls are two runs: unconditional, conditional.
+        per_item = hidden_states.shape[0] // len(conditional)
+        pieces, first = [], 0
+        for item in range(1, len(conditional) + 1):
+            if item == len(conditional) or conditional[item] != conditional[first]:
+                rows = hidden_states[first * per_item : item * per_item]
+                pieces.append(self.attend_with_reference(attn, rows) if conditional[first] else plain(attn, rows))
+                first = item
+        return torch.cat(pieces)
 
     def attend_with_reference(self, attn: Attention, hidden_states: torch.Tensor) -> torch.Tensor:
         """``softmax(q k^T) v`` with keys/values over ``[own tokens ; reference tokens]``, by ``attn``'s weights."""
@@ -126,8 +130,13 @@ class ReferenceAttentionControl:
         for name, reader in self.readers.items():
             reader.set_reference(self.writers[name].bank[-1:])
 
-    def set_conditional(self, conditional: torch.Tensor) -> None:
-        """``conditional``: a bool per batch item of the next UNet call; only those items attend to the reference."""
+    def set_conditional(self, conditional) -> None:
+        """``conditional``: a bool per batch item of the next UNet call (a tensor or a sequence); only those items
+        attend to the reference. Kept as Python bools, read outside any compiled region: the processors then never
+        branch on tensor values, which would break a ``torch.compile`` graph (or sync a GPU) in every layer."""
+        if isinstance(conditional, torch.Tensor):
+            conditional = conditional.tolist()
+        conditional = tuple(bool(c) for c in conditional)
         for reader in self.readers.values():
             reader.conditional = conditional
 

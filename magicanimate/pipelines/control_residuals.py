@@ -24,15 +24,15 @@ class ControlResiduals:
         self.uses_left = Counter(frame // chunk_size for window in windows for frame in window)
         self.chunks: dict[int, list[torch.Tensor]] = {}  # chunk index -> residuals of its frames
 
-    def take(self, windows: Windows, repeats: int = 1) -> list[torch.Tensor]:
-        """The residuals of every frame of ``windows`` in order (``(repeats * frames, ...)`` each, the frames of all
-        windows repeated ``repeats`` times: once per guidance branch, which share the residuals)."""
+    def take(self, windows: Windows) -> list[torch.Tensor]:
+        """The residuals of every frame of ``windows`` in order (``(frames, ...)`` each, the frames of all windows);
+        the guidance branches share them (the UNet call repeats them where it needs one copy per branch)."""
         frames = [frame for window in windows for frame in window]
         size = self.chunk_size
         for chunk in sorted({frame // size for frame in frames} - self.chunks.keys()):
             self.chunks[chunk] = self.encode(slice(chunk * size, (chunk + 1) * size))
         residuals = [
-            torch.stack([self.chunks[frame // size][i][frame % size] for frame in frames]).repeat(repeats, 1, 1, 1)
+            torch.stack([self.chunks[frame // size][i][frame % size] for frame in frames])
             for i in range(len(self.chunks[frames[0] // size]))
         ]
         for frame in frames:

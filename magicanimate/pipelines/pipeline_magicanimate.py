@@ -99,6 +99,7 @@ class MagicAnimatePipeline(DiffusionPipeline):
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
         self._interrupt = False
+        self._share_down_path = True
         self.reference_control = ReferenceAttentionControl(appearance_encoder, unet, fusion_blocks)
 
     # ------------------------------------------------------------------------------------------------ loading
@@ -348,26 +349,53 @@ class MagicAnimatePipeline(DiffusionPipeline):
         )
         return [*down, mid]
 
-    def denoise_windows(self, latents, t, text, windows, residuals, branches) -> torch.Tensor:
+    def denoise_windows(
+        self, latents, t, text, windows, residuals, branches, share_down_path: bool | None = None
+    ) -> torch.Tensor:
         """One video-UNet call: the noise predicted for ``windows`` (lists of frame indices of ``latents``) at
         timestep ``t``, for each guidance branch in ``branches`` (``False``: unconditional, without the reference;
         ``True``: conditional, attending to the reference bank that :meth:`encode_appearance` loaded).
 
-        ``residuals``: the ControlNet residuals (12 down + 1 mid) of the windows' frames in order, repeated once per
-        branch (what :meth:`ControlResiduals.take` returns). Returns ``(len(branches) * len(windows), C, F, h, w)``
-        float32, rows grouped by branch.
+        ``residuals``: the ControlNet residuals (12 down + 1 mid) of the windows' frames in order (what
+        :meth:`ControlResiduals.take` returns); both branches use them. Where :meth:`shares_down_path` allows it (and
+        ``share_down_path``, default: the call's setting, is on) the down blocks run once for all branches. Returns
+        ``(len(branches) * len(windows), C, F, h, w)`` float32, rows grouped by branch.
         """
         index = torch.tensor(windows, device=latents.device)  # (windows, frames)
-        sample = latents[0][:, index].transpose(0, 1).repeat(len(branches), 1, 1, 1, 1)  # (rows, C, F, h, w)
-        self.reference_control.set_conditional(torch.tensor(branches).repeat_interleave(len(windows)))
+        sample = self.scheduler.scale_model_input(latents[0][:, index].transpose(0, 1), t).to(self.unet.dtype)
+        share = self._share_down_path if share_down_path is None else share_down_path
+        if share and self.shares_down_path(branches, [text] * len(branches)):
+            mid_up_repeats = len(branches)  # one down path; the UNet repeats its result for the branches
+        else:
+            mid_up_repeats = 1
+            sample = sample.repeat(len(branches), 1, 1, 1, 1)  # (rows, C, F, h, w)
+            residuals = [residual.repeat(len(branches), 1, 1, 1) for residual in residuals]
+        self.reference_control.set_conditional(torch.tensor(branches, device="cpu").repeat_interleave(len(windows)))
         return self.unet(
-            self.scheduler.scale_model_input(sample, t).to(self.unet.dtype),
+            sample,
             t,
             encoder_hidden_states=text.expand(sample.shape[0] * sample.shape[2], -1, -1),
             down_block_additional_residuals=residuals[:-1],
             mid_block_additional_residual=residuals[-1],
             return_dict=False,
+            mid_up_repeats=mid_up_repeats,
         )[0].float()
+
+    def shares_down_path(self, branches: list[bool], branch_texts: list[torch.Tensor]) -> bool:
+        """Whether the guidance branches of a UNet call see the same down blocks, so one down path serves them all.
+
+        The branches get the same latents and the same ControlNet residuals (computed once, with the conditional
+        text, as the original does); what sets them apart is the reference attention of the conditional rows. So
+        their down paths are one computation when: there are several branches (not with guidance off or a
+        ``cfg_parallel`` rank's single branch); no reference layer lies in the down blocks (``fusion_blocks``
+        ``"midup"``, not ``"full"``); and every branch has the same text embedding (``branch_texts``, one per branch:
+        the pipeline encodes one prompt for both; a negative prompt that differs would change the down path).
+        """
+        if len(branches) < 2:
+            return False
+        if any(name.startswith("down_blocks.") for name in self.reference_control.readers):
+            return False
+        return all(text is branch_texts[0] for text in branch_texts[1:])
 
     def predict_noise(self, latents, t, text, control, work: WindowWork, guidance_scale: float, scale: float):
         """Guided noise prediction for the whole clip at timestep ``t``.
@@ -381,28 +409,45 @@ class MagicAnimatePipeline(DiffusionPipeline):
         fused = WindowAccumulator(work.windows, work.weights, work.branches, latents)
         branches = work.share.branches
         for windows in work.batches():
-            noise = self.denoise_windows(latents, t, text, windows, residuals.take(windows, len(branches)), branches)
+            noise = self.denoise_windows(latents, t, text, windows, residuals.take(windows), branches)
             fused.add(noise, windows, branches)
         if work.share.split:
             all_reduce_sum(fused.sums)
         return fused.guided_noise(guidance_scale)
 
     def decode_latents(self, latents: torch.Tensor, decode_chunk_size: int, distributed: bool = False):
-        """``(F, 3, H, W)`` float32 VAE output (in [-1, 1]) on the CPU, decoded in chunks of ``decode_chunk_size``
-        frames (chunk k: frames ``k*c .. (k+1)*c - 1``); each chunk leaves the accelerator at once, so its memory
-        does not grow with the clip length. In a process group the ranks share the chunks: the same chunks as in one
-        process, so the same bits."""
+        """``(F, H, W, 3)`` float32 frames in [0, 1] on the CPU, decoded in chunks of ``decode_chunk_size`` frames
+        (chunk k: frames ``k*c .. (k+1)*c - 1``); each chunk leaves the accelerator at once, so its memory does not
+        grow with the clip length. In a process group the ranks share the chunks: the same chunks as in one process,
+        so the same bits.
+
+        Every chunk goes straight into one clip tensor in the output layout, so the clip is held once: not as a list
+        of chunks, then their concatenation, then ``VaeImageProcessor.postprocess``'s denormalised copies."""
         frames = latents[0].transpose(0, 1) / VAE_SCALING_FACTOR
         chunks = list(frames.split(decode_chunk_size))
-        if not distributed:
-            return torch.cat([self.decode_frames(chunk) for chunk in chunks])
         h, w = (side * self.vae_scale_factor for side in frames.shape[2:])
-        return map_shared(self.decode_frames, chunks, torch.empty((0, self.vae.config.out_channels, h, w)))
+        empty = torch.empty((0, h, w, self.vae.config.out_channels))
+        if distributed:
+            return map_shared(self.decode_frames, chunks, empty)
+        video = empty.new_empty((len(frames), *empty.shape[1:]))
+        for k, chunk in enumerate(chunks):
+            video[k * decode_chunk_size : k * decode_chunk_size + len(chunk)] = self.decode_frames(chunk)
+        return video
 
     def decode_frames(self, latents: torch.Tensor) -> torch.Tensor:
-        """One VAE call: ``(frames, 4, h, w)`` latents (divided by the scaling factor) to ``(frames, 3, H, W)``
-        float32 on the CPU."""
-        return self.vae.decode(latents.to(self.vae.dtype)).sample.float().cpu()
+        """One VAE call: ``(frames, 4, h, w)`` latents (divided by the scaling factor) to ``(frames, H, W, 3)``
+        float32 frames in [0, 1] (``x / 2 + 0.5``, clamped: the same float32 operations as
+        ``VaeImageProcessor.postprocess``), on the CPU. Computed in place where the VAE ran, on its output."""
+        images = self.vae.decode(latents.to(self.vae.dtype)).sample.float()
+        return images.mul_(0.5).add_(0.5).clamp_(0, 1).permute(0, 2, 3, 1).cpu()
+
+    def output_frames(self, frames: torch.Tensor, output_type: str):
+        """``frames`` from :meth:`decode_latents` as ``output_type``: ``"np"`` the ``(F, H, W, 3)`` array (sharing
+        the tensor's memory, no copy), ``"pt"`` a ``(F, 3, H, W)`` view of it, ``"pil"`` a list of images."""
+        if output_type == "pt":
+            return frames.permute(0, 3, 1, 2)
+        array = frames.numpy()
+        return self.image_processor.numpy_to_pil(array) if output_type == "pil" else array
 
     @property
     def interrupt(self) -> bool:
@@ -418,6 +463,8 @@ class MagicAnimatePipeline(DiffusionPipeline):
         motion,
         num_inference_steps: int = 25,
         guidance_scale: float = 7.5,
+        guidance_start: float = 0.0,
+        guidance_end: float = 1.0,
         height: int | None = None,
         width: int | None = None,
         generator: torch.Generator | list[torch.Generator] | None = None,
@@ -435,6 +482,7 @@ class MagicAnimatePipeline(DiffusionPipeline):
         callback_on_step_end: Callable[["MagicAnimatePipeline", int, int, dict], dict] | None = None,
         distributed: bool = False,
         cfg_parallel: bool = False,
+        share_down_path: bool = True,
     ) -> MagicAnimatePipelineOutput | tuple:
         """Animate ``reference_image`` (PIL image, HxWx3 uint8 array or path) following ``motion`` (DensePose frames:
         FxHxWx3 uint8 array, list of images, or a video path).
@@ -443,6 +491,10 @@ class MagicAnimatePipeline(DiffusionPipeline):
             num_inference_steps: denoising steps (the original: 25).
             guidance_scale: reference guidance; the unconditional branch differs only by not seeing the reference.
                 ``<= 1`` skips it (one UNet pass per window).
+            guidance_start, guidance_end: classifier-free guidance only on the steps whose index fraction
+                ``i / steps`` lies in ``[guidance_start, guidance_end)``; the other steps run the conditional branch
+                alone (no unconditional rows: about half the UNet work of a step). The defaults (0, 1) guide every
+                step, as the original does; e.g. ``guidance_end=0.6`` drops guidance from the late, detail steps.
             height, width: output size; defaults to the motion frames' size (rounded down to a multiple of 8). The
                 reference and, if needed, the motion frames are resized to it.
             generator, latents: noise control as in diffusers; ``latents`` is ``(1, 4, F, H/8, W/8)``.
@@ -452,7 +504,8 @@ class MagicAnimatePipeline(DiffusionPipeline):
             context_batch_size: windows per UNet call (more is faster on a large GPU, same result).
             controlnet_conditioning_scale: strength of the DensePose ControlNet (1.0).
             eta: DDIM eta (0: deterministic).
-            decode_chunk_size: frames per VAE decode call.
+            decode_chunk_size: frames per VAE decode call. The decoder's full-resolution activations, in proportion
+                to it, are the largest tensors of a call: fewer frames use less memory (on GPUs, a little slower).
             output_type: ``"np"`` (``(F, H, W, 3)`` float32), ``"pt"`` (``(F, 3, H, W)``), ``"pil"`` or ``"latent"``.
             callback_on_step_end: ``fn(pipe, step, timestep, {"latents": ...})`` after every step; may return a
                 dict with replacement ``latents``, or set ``pipe._interrupt = True`` to stop (see :attr:`interrupt`).
@@ -460,6 +513,9 @@ class MagicAnimatePipeline(DiffusionPipeline):
                 ControlNet frames and the decode chunks across ranks; every rank returns the whole video.
             cfg_parallel: with ``distributed`` and guidance, run the unconditional and conditional branches on
                 different ranks (needs an even number of ranks).
+            share_down_path: run the video UNet's down blocks once per window for both guidance branches where they
+                see the same input (``fusion_blocks="midup"``, one prompt; see :meth:`shares_down_path`): the same
+                result up to float rounding, about a sixth less UNet work. Off: the original's two full passes.
         """
         # 1. Check the inputs before any model runs. The motion frames define the clip length and (by default) the
         # size; the clip is padded to whole windows by repeating its last frame.
@@ -481,23 +537,22 @@ class MagicAnimatePipeline(DiffusionPipeline):
             distributed,
             cfg_parallel,
         )
+        check_guidance_interval(guidance_start, guidance_end)
         height, width = self.output_size(frames, height, width)
         num_frames = len(frames)
         padded_frames = -(-num_frames // context_frames) * context_frames
-        work = WindowWork.plan(
-            context_windows(padded_frames, context_frames, context_overlap, context_schedule),
-            fusion_weights(min(context_frames, padded_frames), context_schedule),
-            guidance_scale,
-            context_batch_size,
-            distributed,
-            cfg_parallel,
-        )
+        windows = context_windows(padded_frames, context_frames, context_overlap, context_schedule)
+        weights = fusion_weights(min(context_frames, padded_frames), context_schedule)
+        work = WindowWork.plan(windows, weights, guidance_scale, context_batch_size, distributed, cfg_parallel)
+        # The steps outside the guidance interval: the conditional branch alone (guidance scale 1).
+        conditional_work = WindowWork.plan(windows, weights, 1.0, context_batch_size, distributed, cfg_parallel)
         reference = np.asarray(load_image(reference_image).resize((width, height), PIL.Image.BICUBIC))
         frames = self.resize_frames(frames, height, width)
         frames = np.concatenate([frames, np.repeat(frames[-1:], padded_frames - num_frames, axis=0)])
         control = torch.from_numpy(frames)  # stays uint8 on the CPU; each ControlNet chunk moves what it needs
 
         self._interrupt = False
+        self._share_down_path = bool(share_down_path)
         # Re-installing the reference processors keeps this pipeline working when another one was built from the
         # same models. Whatever happens below, the reference state is cleared and offloaded models are freed.
         self.reference_control.install()
@@ -518,8 +573,15 @@ class MagicAnimatePipeline(DiffusionPipeline):
                     if self.interrupt:
                         break
                     self.encode_appearance(reference_latents, t, text)
+                    guided = guidance_start <= i / len(timesteps) < guidance_end
                     noise = self.predict_noise(
-                        latents, t, text, control, work, guidance_scale, controlnet_conditioning_scale
+                        latents,
+                        t,
+                        text,
+                        control,
+                        work if guided else conditional_work,
+                        guidance_scale,
+                        controlnet_conditioning_scale,
                     )
                     latents = self.scheduler.step(noise, t, latents, **step_kwargs, return_dict=False)[0]
                     if not bool(torch.isfinite(latents).all()):
@@ -538,11 +600,20 @@ class MagicAnimatePipeline(DiffusionPipeline):
                 video = latents
             else:
                 decoded = self.decode_latents(latents, decode_chunk_size, distributed=work.share.split)
-                video = self.image_processor.postprocess(decoded, output_type=output_type)
+                video = self.output_frames(decoded, output_type)
         finally:
             self.reference_control.clear()
             self.maybe_free_model_hooks()
         return MagicAnimatePipelineOutput(frames=video) if return_dict else (video,)
+
+
+def check_guidance_interval(start, end) -> None:
+    """``[start, end)``: fractions of the schedule with ``0 <= start <= end <= 1``, or :class:`InputError`."""
+    for name, value in (("guidance_start", start), ("guidance_end", end)):
+        if not isinstance(value, numbers.Real) or isinstance(value, bool) or not 0 <= value <= 1:
+            raise InputError(f"{name} must be a number from 0 to 1 (a fraction of the steps), got {value!r}")
+    if start > end:
+        raise InputError(f"guidance_start ({start:g}) must not be above guidance_end ({end:g})")
 
 
 def _is_int(value) -> bool:
