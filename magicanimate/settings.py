@@ -193,8 +193,8 @@ SETTINGS: tuple[Setting, ...] = (
     S("share_down_path", bool, True, "run the video UNet's down blocks once for both guidance branches where they "
       "see the same input (fusion_blocks midup, one prompt): same result up to rounding, less work", "execution",
       argument="share_down_path"),
-    S("decode_chunk_size", int, 16, "frames per VAE decode call (fewer: less memory)", "execution", low=1,
-      high=4096, argument="decode_chunk_size"),
+    S("decode_chunk_size", int, 4, "frames per VAE decode call (sets the call's peak memory: fewer use less)",
+      "execution", low=1, high=4096, argument="decode_chunk_size"),
     S("low_vram", bool, False, "least accelerator memory, slower: the models wait on the CPU until they run (model "
       "offload), one frame per VAE decode call, one window per UNet call; nothing changes on a CPU", "execution",
       scope="load"),

@@ -89,11 +89,15 @@ def _run(pipe, reference, motion, steps=TINY_STEPS, **kwargs):
 
 
 class _UNetBatches:
-    """Records the batch size of every video-UNet call (observation only; returns nothing)."""
+    """Records the batch size of every video-UNet call, both guidance branches counted also when they share the
+    down path (``mid_up_repeats``) (observation only; returns nothing)."""
 
     def __init__(self, unet):
         self.batches = []
-        self.handle = unet.register_forward_pre_hook(lambda module, args: self.batches.append(args[0].shape[0]))
+        self.handle = unet.register_forward_pre_hook(
+            lambda module, args, kwargs: self.batches.append(args[0].shape[0] * kwargs.get("mid_up_repeats", 1)),
+            with_kwargs=True,
+        )
 
 
 def test_output_is_float_frames_in_unit_range(tiny_baseline):
@@ -166,6 +170,7 @@ def test_default_noise_is_one_16_frame_block_tiled(tiny_pipe, reference_image):
                 make_motion(20, TINY_SIZE),
                 steps=1,
                 generator=torch.Generator().manual_seed(11),
+                share_down_path=False,  # both guidance halves as UNet input rows
             )
     finally:
         handle.remove()

@@ -115,11 +115,11 @@ class VideoUNet(UNetMotionModel):
             encoder_hidden_states,
             down_block_additional_residuals=down_block_additional_residuals,
             cross_attention_kwargs=cross_attention_kwargs,
-        )
+        ).repeat(mid_up_repeats)  # the result of one copy is freed at once
         if mid_block_additional_residual is not None:
             mid_block_additional_residual = mid_block_additional_residual.repeat(mid_up_repeats, 1, 1, 1)
         out = self.forward_mid_up(
-            down.repeat(mid_up_repeats),
+            down,
             encoder_hidden_states.repeat(mid_up_repeats, 1, 1),
             mid_block_additional_residual=mid_block_additional_residual,
             cross_attention_kwargs=cross_attention_kwargs,

@@ -476,7 +476,7 @@ class MagicAnimatePipeline(DiffusionPipeline):
         controlnet_conditioning_scale: float = 1.0,
         eta: float = 0.0,
         prompt: str = "",
-        decode_chunk_size: int = 16,
+        decode_chunk_size: int = 4,
         output_type: str = "np",
         return_dict: bool = True,
         callback_on_step_end: Callable[["MagicAnimatePipeline", int, int, dict], dict] | None = None,
