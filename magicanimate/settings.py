@@ -140,6 +140,9 @@ SETTINGS: tuple[Setting, ...] = (
       "weights)", "checkpoints", scope="load"),
     S("fusion_blocks", str, "midup", "layers that attend to the reference: midup (10 layers, the original's) or "
       "full (16)", "checkpoints", choices=("midup", "full"), scope="load"),
+    S("lora", str, None, "a LoRA .safetensors from `magicanimate train --stage lora` (export) applied to the "
+      "appearance encoder and the video UNet", "checkpoints", nullable=True, scope="load"),
+    S("lora_scale", float, 1.0, "strength of the LoRA", "checkpoints", low=0, high=4, scope="load"),
     # Sampling.
     S("preset", str, None, "a named set of settings under your own: preview (256 px, 10 steps: a quick look, even "
       "on a CPU); fast (under a quarter of the original's work: DPM-Solver++ in 10 steps, guidance on the first "
@@ -172,6 +175,31 @@ SETTINGS: tuple[Setting, ...] = (
       "first)", "sampling", low=0, high=1, argument="guidance_start"),
     S("guidance_end", float, 1.0, "... up to this fraction (1: to the last); steps outside run the conditional "
       "branch alone, about half the work", "sampling", low=0, high=1, argument="guidance_end"),
+    S("cache_interval", int, 1, "feature reuse across steps (DeepCache-style): the whole video UNet every N steps, "
+      "between them only its outer blocks on the deep features cached per window and guidance branch (1: off)",
+      "sampling", low=1, high=50, argument="cache_interval"),
+    S("noise_prior", float, 0.0, "latent noise prior: move the initial noise towards the reference image's latent "
+      "(steadier layout and background over long clips; 0: off, the original's noise)", "sampling", low=0, high=1,
+      argument="noise_prior"),
+    # Stages.
+    S("prompt", str, None, "generate the reference photo from this text with SD 1.5 (instead of a reference "
+      "photo); it is saved next to the output as NAME.reference.png", "stages", nullable=True),
+    S("negative_prompt", str, None, "what the generated reference photo should not show", "stages", nullable=True),
+    S("prompt_steps", int, 30, "denoising steps of the reference photo from a prompt", "stages", low=1, high=1000),
+    S("prompt_guidance", float, 7.5, "text guidance of the reference photo from a prompt", "stages", low=0,
+      high=100),
+    S("prompt_model", str, None, "another SD 1.5 fine-tune (diffusers folder) for the prompt stage (null: the "
+      "release tree's stable-diffusion-v1-5)", "stages", nullable=True, scope="load"),
+    S("refine_size", int, None, "second pass at this size (shorter side, multiple of 8): the first pass upscaled, "
+      "noised part-way and denoised again (null: no refine pass)", "stages", low=64, high=4096, nullable=True),
+    S("refine_strength", float, 0.4, "how far the refine pass re-noises the upscaled video (0: keep it, 1: from "
+      "pure noise)", "stages", low=0, high=1),
+    S("refine_steps", int, None, "denoising steps of the full schedule the refine pass runs a part of (null: steps)",
+      "stages", low=1, high=1000, nullable=True),
+    S("frame_stride", int, 1, "animate every k-th motion frame (and the last) and interpolate the frames between: "
+      "about k times less diffusion work (1: every frame)", "stages", low=1, high=8),
+    S("interpolator", str, "flow", "how frame_stride fills the frames between: flow (built-in optical flow, "
+      "OpenCV), an entry point of the magicanimate.interpolators group, or a dotted path module:object", "stages"),
     # Output.
     S("fps", float, None, "frames per second of the result (null: the motion video's)", "output", above=0,
       high=1000, nullable=True),
@@ -205,7 +233,7 @@ del S
 BY_NAME: dict[str, Setting] = {setting.name: setting for setting in SETTINGS}
 # The single checkpoint pieces (the original config's key names) that replace parts of the `pretrained` tree.
 PIECE_KEYS = tuple(
-    s.name for s in SETTINGS if s.group == "checkpoints" and s.kind is str and not s.choices and s.name != "pretrained"
+    s.name for s in SETTINGS if s.group == "checkpoints" and s.kind is str and not s.choices and s.name not in ("pretrained", "lora")
 )
 LOAD_KEYS = tuple(s.name for s in SETTINGS if s.scope == "load")
 
@@ -227,6 +255,8 @@ GROUP_TITLES = {
     "checkpoints": "Checkpoints. `pretrained` is the release tree (see pretrained/README.md in the repository); the "
     "next five (the original's key names) replace single pieces of it.",
     "sampling": "Sampling.",
+    "stages": "Stages around the animation (each off by default): a reference photo from a prompt, a refine pass at "
+    "a larger size, and frame interpolation.",
     "output": "Output.",
     "execution": "Execution.",
 }

@@ -3,7 +3,9 @@
 This is diffusers' ``UNetMotionModel`` with its GroupNorms swapped (see :mod:`.group_norms`), so everything diffusers
 offers for it (attention processors, ``from_unet2d``, ``save_pretrained``) keeps working. The one addition: its
 forward split in two (:meth:`VideoUNet.forward_down`, :meth:`VideoUNet.forward_mid_up`), so that one down path can
-serve several copies of the mid and up blocks (``forward(..., mid_up_repeats=n)``).
+serve several copies of the mid and up blocks (``forward(..., mid_up_repeats=n)``), and so that a step can reuse the
+deep features of an earlier one and run only the outer blocks (``forward(..., cache_depth=d, deep_features=...)``,
+DeepCache).
 """
 
 import functools
@@ -87,13 +89,23 @@ class VideoUNet(UNetMotionModel):
         mid_block_additional_residual: torch.Tensor | None = None,
         return_dict: bool = True,
         mid_up_repeats: int = 1,
-    ) -> UNetMotionOutput | tuple[torch.Tensor]:
+        cache_depth: int = 0,
+        deep_features: torch.Tensor | None = None,
+    ) -> UNetMotionOutput | tuple[torch.Tensor, ...]:
         """``UNetMotionModel.forward``. With ``mid_up_repeats=n > 1`` the output is what the plain forward gives for
         ``sample``, ``encoder_hidden_states`` and the residuals repeated ``n`` times along the batch (rows grouped
         by copy), when the copies see the same down blocks: the down path runs once, at the batch of ``sample``,
         and only the mid and up blocks run on the ``n`` copies (whatever tells the copies apart, e.g. reference
-        attention on some rows, must act there). Only the arguments MagicAnimate uses are supported then."""
-        if mid_up_repeats == 1:
+        attention on some rows, must act there). Only the arguments MagicAnimate uses are supported then.
+
+        Feature reuse across steps (DeepCache): with ``cache_depth=d > 0`` and no ``deep_features`` the call also
+        returns the input of the outermost ``d`` up blocks, ``(out, deep)`` (``return_dict=False`` only); given those
+        ``deep_features`` of an earlier step, it runs only ``conv_in``, the first ``d`` down blocks (whose skip
+        connections, plus the ControlNet residuals of those blocks only, feed the outer up blocks), the last ``d`` up
+        blocks and the output layers, on the cached features in place of everything deeper."""
+        if cache_depth and return_dict:
+            raise ValueError("cache_depth > 0 returns the deep features too: call with return_dict=False")
+        if mid_up_repeats == 1 and not cache_depth:
             self.set_num_frames(sample.shape[2])
             return super().forward(
                 sample,
@@ -108,14 +120,26 @@ class VideoUNet(UNetMotionModel):
                 return_dict=return_dict,
             )
         if timestep_cond is not None or attention_mask is not None or added_cond_kwargs is not None:
-            raise ValueError("mid_up_repeats > 1 supports neither timestep_cond, attention_mask nor added_cond_kwargs")
+            raise ValueError(
+                "mid_up_repeats > 1 and cache_depth support neither timestep_cond, attention_mask nor added_cond_kwargs"
+            )
         down = self.forward_down(
             sample,
             timestep,
             encoder_hidden_states,
             down_block_additional_residuals=down_block_additional_residuals,
             cross_attention_kwargs=cross_attention_kwargs,
+            depth=cache_depth if deep_features is not None else None,
         ).repeat(mid_up_repeats)  # the result of one copy is freed at once
+        if deep_features is not None:
+            out, _ = self.forward_up(
+                deep_features,
+                down,
+                encoder_hidden_states.repeat(mid_up_repeats, 1, 1),
+                cross_attention_kwargs=cross_attention_kwargs,
+                first=len(self.up_blocks) - cache_depth,
+            )
+            return (out,)
         if mid_block_additional_residual is not None:
             mid_block_additional_residual = mid_block_additional_residual.repeat(mid_up_repeats, 1, 1, 1)
         out = self.forward_mid_up(
@@ -123,7 +147,10 @@ class VideoUNet(UNetMotionModel):
             encoder_hidden_states.repeat(mid_up_repeats, 1, 1),
             mid_block_additional_residual=mid_block_additional_residual,
             cross_attention_kwargs=cross_attention_kwargs,
+            cache_depth=cache_depth,
         )
+        if cache_depth:
+            return out  # (out, deep)
         return UNetMotionOutput(sample=out) if return_dict else (out,)
 
     @apply_lora_scale("cross_attention_kwargs")
@@ -134,9 +161,12 @@ class VideoUNet(UNetMotionModel):
         encoder_hidden_states: torch.Tensor,
         down_block_additional_residuals: tuple[torch.Tensor, ...] | None = None,
         cross_attention_kwargs: dict[str, Any] | None = None,
+        depth: int | None = None,
     ) -> DownPath:
         """The first half of ``UNetMotionModel.forward``: timestep embedding, ``conv_in``, the down blocks (with their
-        motion modules) and the ControlNet's down residuals, for UNets without added conditioning (SD 1.5's)."""
+        motion modules) and the ControlNet's down residuals, for UNets without added conditioning (SD 1.5's).
+        ``depth``: only the first ``depth`` down blocks (and as many residuals as their skips), for
+        :meth:`forward_up` from a deeper cached feature; ``sample`` is then that block's output."""
         if self.config.addition_embed_type is not None or self.encoder_hid_proj is not None:
             raise ValueError("forward_down supports UNets without added embeddings or image projections")
         num_frames = sample.shape[2]
@@ -161,7 +191,7 @@ class VideoUNet(UNetMotionModel):
 
         # 3. down
         skips = (sample,)
-        for block in self.down_blocks:
+        for block in self.down_blocks[:depth]:
             if getattr(block, "has_cross_attention", False):
                 sample, res_samples = block(
                     hidden_states=sample,
@@ -185,9 +215,11 @@ class VideoUNet(UNetMotionModel):
         encoder_hidden_states: torch.Tensor,
         mid_block_additional_residual: torch.Tensor | None = None,
         cross_attention_kwargs: dict[str, Any] | None = None,
-    ) -> torch.Tensor:
+        cache_depth: int = 0,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """The second half of ``UNetMotionModel.forward``: the mid block, the ControlNet's mid residual, the up blocks
-        and the output layers. Returns ``(batch, C, frames, h, w)``; ``down`` is not modified."""
+        and the output layers. Returns ``(batch, C, frames, h, w)``; ``down`` is not modified. With ``cache_depth=d``
+        also the input of the last ``d`` up blocks (the deep features :meth:`forward_up` reuses): ``(out, deep)``."""
         num_frames, emb = down.num_frames, down.emb
         self.set_num_frames(num_frames)
         sample = down.sample
@@ -204,10 +236,36 @@ class VideoUNet(UNetMotionModel):
             )
         if mid_block_additional_residual is not None:
             sample = sample + mid_block_additional_residual
+        out, deep = self.forward_up(
+            sample,
+            down,
+            encoder_hidden_states,
+            cross_attention_kwargs=cross_attention_kwargs,
+            keep_input_of=len(self.up_blocks) - cache_depth if cache_depth else None,
+        )
+        return (out, deep) if cache_depth else out
 
-        # 5. up
-        skips, upsample_size = down.skips, None
+    def forward_up(
+        self,
+        sample: torch.Tensor,
+        down: DownPath,
+        encoder_hidden_states: torch.Tensor,
+        cross_attention_kwargs: dict[str, Any] | None = None,
+        first: int = 0,
+        keep_input_of: int | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The up blocks from ``up_blocks[first]`` on (``sample``: its input) and the output layers, with the skip
+        connections of ``down`` that those blocks take (the first ones: a shallow ``down`` path has just these).
+        Returns ``(out, the input of up_blocks[keep_input_of])`` (``None`` when not asked for)."""
+        num_frames, emb = down.num_frames, down.emb
+        self.set_num_frames(num_frames)
+        blocks = self.up_blocks[first:]
+        skips, upsample_size, kept = down.skips[: sum(len(block.resnets) for block in blocks)], None, None
         for i, block in enumerate(self.up_blocks):
+            if i < first:
+                continue
+            if i == keep_input_of:
+                kept = sample
             res_samples, skips = skips[-len(block.resnets) :], skips[: -len(block.resnets)]
             if i < len(self.up_blocks) - 1 and down.forward_upsample_size:
                 upsample_size = skips[-1].shape[2:]
@@ -234,7 +292,7 @@ class VideoUNet(UNetMotionModel):
         if self.conv_norm_out:
             sample = self.conv_act(self.conv_norm_out(sample))
         sample = self.conv_out(sample)
-        return sample[None, :].reshape((-1, num_frames) + sample.shape[1:]).permute(0, 2, 1, 3, 4)
+        return sample[None, :].reshape((-1, num_frames) + sample.shape[1:]).permute(0, 2, 1, 3, 4), kept
 
 
 def magicanimate_motion_adapter(block_out_channels=(320, 640, 1280, 1280), **overrides) -> MotionAdapter:

@@ -35,9 +35,11 @@ from ..models.original_checkpoints import (
     materialize_weights,
 )
 from ..models.reference_attention import ReferenceAttentionControl
+from ..models.shallow_controlnet import shallow_controlnet_residuals
 from ..models.video_unet import VideoUNet
 from .context_windows import WindowAccumulator, WindowWork, check_schedule, context_windows, fusion_weights
 from .control_residuals import ControlResiduals
+from .feature_cache import FeatureCache
 
 VAE_SCALING_FACTOR = 0.18215  # hard-coded by the original, equal to sd-vae-ft-mse's config
 OUTPUT_TYPES = ("np", "pt", "pil", "latent")
@@ -297,21 +299,70 @@ class MagicAnimatePipeline(DiffusionPipeline):
         latent = self.vae.encode(pixels.permute(0, 3, 1, 2)).latent_dist.mean
         return latent * VAE_SCALING_FACTOR
 
-    def prepare_latents(self, latents, num_frames, height, width, context_frames, generator):
-        """Initial noise ``(1, 4, num_frames, h, w)`` float32: one ``context_frames`` block tiled along frames, as
-        the original draws it; given ``latents`` with fewer frames are padded by repeating their last frame."""
+    def prepare_noise(self, latents, num_frames, height, width, context_frames, generator) -> torch.Tensor:
+        """Unit Gaussian noise ``(1, 4, num_frames, h, w)`` float32: one ``context_frames`` block tiled along frames,
+        as the original draws it; given ``latents`` with fewer frames are padded by repeating their last frame."""
         device = self._execution_device
         scale = self.vae_scale_factor
         shape = (1, self.unet.config.in_channels, context_frames, height // scale, width // scale)
         if latents is None:
             block = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
-            latents = block.repeat(1, 1, -(-num_frames // context_frames), 1, 1)[:, :, :num_frames]
-            return latents * self.scheduler.init_noise_sigma
+            return block.repeat(1, 1, -(-num_frames // context_frames), 1, 1)[:, :, :num_frames]
         latents = latents.to(device, torch.float32)
         if latents.shape[2] < num_frames:
             padding = latents[:, :, -1:].expand(-1, -1, num_frames - latents.shape[2], -1, -1)
             latents = torch.cat([latents, padding], dim=2)
-        return latents[:, :, :num_frames] * self.scheduler.init_noise_sigma
+        return latents[:, :, :num_frames]
+
+    def prepare_latents(self, latents, num_frames, height, width, context_frames, generator):
+        """Initial latents ``(1, 4, num_frames, h, w)`` float32: :meth:`prepare_noise` scaled by the scheduler's
+        ``init_noise_sigma``."""
+        noise = self.prepare_noise(latents, num_frames, height, width, context_frames, generator)
+        return noise * self.scheduler.init_noise_sigma
+
+    def apply_noise_prior(self, noise, reference_latents, timestep, strength: float) -> torch.Tensor:
+        """The latent noise prior (MagicVideo-V2, UniAnimate): unit noise whose mean moves towards the reference
+        latent ``z``, ``x = s * a * z + sqrt(1 - s**2 * a**2) * noise`` with ``s = strength`` and ``a`` the signal
+        scale ``sqrt(alphas_cumprod[t])`` at the first timestep ``t`` of the run.
+
+        ``s = 0`` is the plain noise (the original's start); ``s = 1`` is exactly the reference latent noised to the
+        first timestep, ``q_sample(z, t)``, the distribution the sampler assumes there, with the reference's layout in
+        its low frequencies; between them the variance stays that of the noise (for unit-variance latents), so the
+        sampler's assumptions hold all the way. The result is scaled by ``init_noise_sigma`` like any start (for
+        sigma-space samplers, Euler, that is ``z + sigma * noise`` at ``s = 1``)."""
+        alphas = self.scheduler.alphas_cumprod.to(device=noise.device, dtype=torch.float32)
+        signal = float(strength) * float(alphas[int(timestep)].sqrt())
+        prior = signal * reference_latents.float()[:, :, None] + math.sqrt(1.0 - signal**2) * noise
+        return prior * self.scheduler.init_noise_sigma
+
+    def encode_video(self, video, num_frames: int, chunk_size: int) -> torch.Tensor:
+        """Clean VAE latents ``(1, 4, num_frames, h, w)`` float32 of ``video`` (``(F, H, W, 3)``, uint8 or float in
+        [0, 1], at the output size; shorter videos are padded with their last frame), encoded ``chunk_size`` frames
+        per VAE call so that memory stays flat in the clip length (``latent_dist.mean``, as for the reference)."""
+        video = torch.as_tensor(np.asarray(video))
+        if video.dtype == torch.uint8:
+            video = video.float() / 255
+        latents = []
+        for chunk in video.split(chunk_size):
+            pixels = chunk.to(self._execution_device, self.vae.dtype).permute(0, 3, 1, 2) * 2 - 1
+            latents.append(self.vae.encode(pixels).latent_dist.mean.float() * VAE_SCALING_FACTOR)
+        latents = torch.cat(latents).transpose(0, 1)[None]  # (1, 4, F, h, w)
+        if latents.shape[2] < num_frames:
+            padding = latents[:, :, -1:].expand(-1, -1, num_frames - latents.shape[2], -1, -1)
+            latents = torch.cat([latents, padding], dim=2)
+        return latents[:, :, :num_frames]
+
+    def start_timesteps(self, num_inference_steps: int, strength: float) -> torch.Tensor:
+        """The timesteps this call runs: all of them, or for ``strength < 1`` (SDEdit, as diffusers' img2img
+        pipelines) the last ``min(int(steps * strength), steps)`` of the schedule (none for ``strength = 0``)."""
+        self.scheduler.set_timesteps(num_inference_steps, device=self._execution_device)
+        if strength >= 1:
+            return self.scheduler.timesteps
+        start = num_inference_steps - min(int(num_inference_steps * strength), num_inference_steps)
+        order = getattr(self.scheduler, "order", 1)
+        if hasattr(self.scheduler, "set_begin_index"):
+            self.scheduler.set_begin_index(start * order)
+        return self.scheduler.timesteps[start * order :]
 
     def prepare_step_kwargs(self, generator, eta: float) -> dict:
         """``eta`` and ``generator`` for schedulers whose ``step`` takes them (DDIM does)."""
@@ -334,11 +385,19 @@ class MagicAnimatePipeline(DiffusionPipeline):
         self.appearance_encoder(latents, t, encoder_hidden_states=text.expand(len(latents), -1, -1), return_dict=False)
         self.reference_control.load_reference()
 
-    def encode_motion(self, latents, t, text, control, frames: slice, scale: float) -> list[torch.Tensor]:
+    def encode_motion(
+        self, latents, t, text, control, frames: slice, scale: float, depth: int | None = None
+    ) -> list[torch.Tensor]:
         """ControlNet residuals (12 down + 1 mid) of a run of frames. Conditional text only, as in the original;
-        the same residuals serve both guidance halves."""
+        the same residuals serve both guidance halves. ``depth``: only those of the first ``depth`` down blocks (a
+        step that reuses cached deep features needs no more; see :mod:`..models.shallow_controlnet`)."""
         sample = self.scheduler.scale_model_input(latents[0][:, frames].transpose(0, 1), t)
         pixels = control[frames].to(self._execution_device, self.controlnet.dtype).permute(0, 3, 1, 2) / 255
+        if depth is not None:
+            text = text.expand(len(sample), -1, -1)
+            return shallow_controlnet_residuals(
+                self.controlnet, sample.to(self.controlnet.dtype), t, text, pixels, scale, depth
+            )
         down, mid = self.controlnet(
             sample.to(self.controlnet.dtype),
             t,
@@ -350,7 +409,16 @@ class MagicAnimatePipeline(DiffusionPipeline):
         return [*down, mid]
 
     def denoise_windows(
-        self, latents, t, text, windows, residuals, branches, share_down_path: bool | None = None
+        self,
+        latents,
+        t,
+        text,
+        windows,
+        residuals,
+        branches,
+        share_down_path: bool | None = None,
+        cache: FeatureCache | None = None,
+        reuse: bool = False,
     ) -> torch.Tensor:
         """One video-UNet call: the noise predicted for ``windows`` (lists of frame indices of ``latents``) at
         timestep ``t``, for each guidance branch in ``branches`` (``False``: unconditional, without the reference;
@@ -360,6 +428,10 @@ class MagicAnimatePipeline(DiffusionPipeline):
         :meth:`ControlResiduals.take` returns); both branches use them. Where :meth:`shares_down_path` allows it (and
         ``share_down_path``, default: the call's setting, is on) the down blocks run once for all branches. Returns
         ``(len(branches) * len(windows), C, F, h, w)`` float32, rows grouped by branch.
+
+        With a ``cache`` (feature reuse across steps), a full call stores the windows' deep features in it and a
+        ``reuse`` call runs only the outer blocks on the stored ones (``residuals``: those of the outer ControlNet
+        blocks only, as :meth:`encode_motion` gives them with ``depth``).
         """
         index = torch.tensor(windows, device=latents.device)  # (windows, frames)
         sample = self.scheduler.scale_model_input(latents[0][:, index].transpose(0, 1), t).to(self.unet.dtype)
@@ -371,15 +443,40 @@ class MagicAnimatePipeline(DiffusionPipeline):
             sample = sample.repeat(len(branches), 1, 1, 1, 1)  # (rows, C, F, h, w)
             residuals = [residual.repeat(len(branches), 1, 1, 1) for residual in residuals]
         self.reference_control.set_conditional(torch.tensor(branches, device="cpu").repeat_interleave(len(windows)))
-        return self.unet(
+        text = text.expand(sample.shape[0] * sample.shape[2], -1, -1)
+        if cache is None:
+            return self.unet(
+                sample,
+                t,
+                encoder_hidden_states=text,
+                down_block_additional_residuals=residuals[:-1],
+                mid_block_additional_residual=residuals[-1],
+                return_dict=False,
+                mid_up_repeats=mid_up_repeats,
+            )[0].float()
+        if reuse:
+            return self.unet(
+                sample,
+                t,
+                encoder_hidden_states=text,
+                down_block_additional_residuals=residuals,
+                return_dict=False,
+                mid_up_repeats=mid_up_repeats,
+                cache_depth=cache.depth,
+                deep_features=cache.take(windows, branches, sample.device),
+            )[0].float()
+        noise, deep = self.unet(
             sample,
             t,
-            encoder_hidden_states=text.expand(sample.shape[0] * sample.shape[2], -1, -1),
+            encoder_hidden_states=text,
             down_block_additional_residuals=residuals[:-1],
             mid_block_additional_residual=residuals[-1],
             return_dict=False,
             mid_up_repeats=mid_up_repeats,
-        )[0].float()
+            cache_depth=cache.depth,
+        )
+        cache.store(windows, branches, deep)
+        return noise.float()
 
     def shares_down_path(self, branches: list[bool], branch_texts: list[torch.Tensor]) -> bool:
         """Whether the guidance branches of a UNet call see the same down blocks, so one down path serves them all.
@@ -397,19 +494,36 @@ class MagicAnimatePipeline(DiffusionPipeline):
             return False
         return all(text is branch_texts[0] for text in branch_texts[1:])
 
-    def predict_noise(self, latents, t, text, control, work: WindowWork, guidance_scale: float, scale: float):
+    def predict_noise(
+        self,
+        latents,
+        t,
+        text,
+        control,
+        work: WindowWork,
+        guidance_scale: float,
+        scale: float,
+        step: int = 0,
+        cache: FeatureCache | None = None,
+    ):
         """Guided noise prediction for the whole clip at timestep ``t``.
 
         This process denoises its share of the windows (``work.share``), ``work.batch_size`` per UNet call, with
         the ControlNet residuals of their frames; the window predictions are fused per frame and guided. In a
-        process group one ``all_reduce`` first sums every rank's part.
+        process group one ``all_reduce`` first sums every rank's part. With a feature ``cache``, step ``step`` of the
+        run either refreshes it (a full step) or reuses it (only the outer blocks of the UNet and the ControlNet run).
         """
-        encode = partial(self.encode_motion, latents, t, text, control, scale=scale)
+        reuse = cache is not None and cache.reuses(step, work.branches)
+        if cache is not None and not reuse:
+            cache.start_full_step(work.branches)
+        depth = cache.depth if reuse else None
+        encode = partial(self.encode_motion, latents, t, text, control, scale=scale, depth=depth)
         residuals = ControlResiduals(encode, work.window_frames, work.share.windows)
         fused = WindowAccumulator(work.windows, work.weights, work.branches, latents)
         branches = work.share.branches
         for windows in work.batches():
-            noise = self.denoise_windows(latents, t, text, windows, residuals.take(windows), branches)
+            residual = residuals.take(windows)
+            noise = self.denoise_windows(latents, t, text, windows, residual, branches, cache=cache, reuse=reuse)
             fused.add(noise, windows, branches)
         if work.share.split:
             all_reduce_sum(fused.sums)
@@ -483,6 +597,11 @@ class MagicAnimatePipeline(DiffusionPipeline):
         distributed: bool = False,
         cfg_parallel: bool = False,
         share_down_path: bool = True,
+        noise_prior: float = 0.0,
+        init_video=None,
+        strength: float = 1.0,
+        cache_interval: int = 1,
+        cache_device: str | torch.device | None = None,
     ) -> MagicAnimatePipelineOutput | tuple:
         """Animate ``reference_image`` (PIL image, HxWx3 uint8 array or path) following ``motion`` (DensePose frames:
         FxHxWx3 uint8 array, list of images, or a video path).
@@ -516,6 +635,17 @@ class MagicAnimatePipeline(DiffusionPipeline):
             share_down_path: run the video UNet's down blocks once per window for both guidance branches where they
                 see the same input (``fusion_blocks="midup"``, one prompt; see :meth:`shares_down_path`): the same
                 result up to float rounding, about a sixth less UNet work. Off: the original's two full passes.
+            noise_prior: 0 to 1: move the initial noise towards the reference image's latent (see
+                :meth:`apply_noise_prior`); 0 is the original's start.
+            init_video, strength: SDEdit (the refine pass): with ``strength < 1``, start from ``init_video``
+                (``(F, H, W, 3)`` uint8 or float in [0, 1] at the output size) noised to the timestep ``strength``
+                gives and run only the remaining steps (``int(steps * strength)`` of them; none for 0, which
+                returns the VAE round trip of ``init_video``). ``strength = 1`` starts from noise as usual.
+            cache_interval: feature reuse across steps (DeepCache; see :mod:`.feature_cache`): the whole video UNet
+                every ``cache_interval`` steps, in between only its outermost down and up blocks (and the
+                ControlNet's outermost blocks) on the deep features kept per window and branch. 1: off. The kept
+                features cost memory in proportion to the windows (at 512x512 in float16 about 84 MB per window and
+                branch); ``cache_device="cpu"`` keeps them on the CPU instead (``low_vram`` does).
         """
         # 1. Check the inputs before any model runs. The motion frames define the clip length and (by default) the
         # size; the clip is padded to whole windows by repeating its last frame.
@@ -538,6 +668,9 @@ class MagicAnimatePipeline(DiffusionPipeline):
             cfg_parallel,
         )
         check_guidance_interval(guidance_start, guidance_end)
+        check_start(noise_prior, init_video, strength, len(frames), self.output_size(frames, height, width))
+        if not _is_int(cache_interval) or cache_interval < 1:
+            raise InputError(f"cache_interval must be a positive integer (1: off), got {cache_interval!r}")
         height, width = self.output_size(frames, height, width)
         num_frames = len(frames)
         padded_frames = -(-num_frames // context_frames) * context_frames
@@ -561,11 +694,22 @@ class MagicAnimatePipeline(DiffusionPipeline):
             text = self.encode_prompt(prompt)
             reference_latents = self.encode_reference(reference)
 
-            # 3. Noise and timesteps.
-            self.scheduler.set_timesteps(num_inference_steps, device=self._execution_device)
-            timesteps = self.scheduler.timesteps
-            latents = self.prepare_latents(latents, padded_frames, height, width, context_frames, generator)
+            # 3. Timesteps and the start: noise (moved towards the reference latent by the noise prior), or for a
+            # refine pass the given video's latents noised part-way (SDEdit).
+            refine = init_video is not None and strength < 1
+            timesteps = self.start_timesteps(num_inference_steps, strength if refine else 1.0)
+            noise = self.prepare_noise(latents, padded_frames, height, width, context_frames, generator)
+            if refine:
+                latents = self.encode_video(init_video, padded_frames, decode_chunk_size)
+                if len(timesteps):
+                    latents = self.scheduler.add_noise(latents, noise, timesteps[:1])
+            elif noise_prior > 0:
+                latents = self.apply_noise_prior(noise, reference_latents, timesteps[0], noise_prior)
+            else:
+                latents = noise * self.scheduler.init_noise_sigma
+            del noise
             step_kwargs = self.prepare_step_kwargs(generator, eta)
+            cache = FeatureCache(cache_interval, device=cache_device) if cache_interval > 1 else None
 
             # 4. Denoising loop.
             with self.progress_bar(total=len(timesteps)) as progress_bar:
@@ -582,6 +726,8 @@ class MagicAnimatePipeline(DiffusionPipeline):
                         work if guided else conditional_work,
                         guidance_scale,
                         controlnet_conditioning_scale,
+                        step=i,
+                        cache=cache,
                     )
                     latents = self.scheduler.step(noise, t, latents, **step_kwargs, return_dict=False)[0]
                     if not bool(torch.isfinite(latents).all()):
@@ -593,6 +739,7 @@ class MagicAnimatePipeline(DiffusionPipeline):
                         latents = (callback_on_step_end(self, i, t, {"latents": latents}) or {}).get("latents", latents)
                     progress_bar.update()
             self.reference_control.clear()  # the reference bank is not needed for the decode
+            cache = None  # nor the cached features
 
             # 5. Crop the padding off and decode (in a process group, each rank its share of the chunks).
             latents = latents[:, :, :num_frames]
@@ -605,6 +752,23 @@ class MagicAnimatePipeline(DiffusionPipeline):
             self.reference_control.clear()
             self.maybe_free_model_hooks()
         return MagicAnimatePipelineOutput(frames=video) if return_dict else (video,)
+
+
+def check_start(noise_prior, init_video, strength, num_frames: int, size: tuple[int, int]) -> None:
+    """``noise_prior`` and ``strength`` in [0, 1]; with ``strength < 1`` an ``init_video`` of ``(frames, H, W, 3)``
+    at the output ``size``, at most ``num_frames`` frames; or :class:`InputError`."""
+    for name, value in (("noise_prior", noise_prior), ("strength", strength)):
+        if not isinstance(value, numbers.Real) or isinstance(value, bool) or not 0 <= value <= 1:
+            raise InputError(f"{name} must be a number from 0 to 1, got {value!r}")
+    if strength < 1:
+        if init_video is None:
+            raise InputError("strength below 1 re-noises a video part-way: pass it as init_video")
+        shape = tuple(np.shape(init_video))
+        if len(shape) != 4 or shape[-1] != 3 or shape[1:3] != tuple(size) or not 0 < shape[0] <= num_frames:
+            raise InputError(
+                f"init_video must be (F, {size[0]}, {size[1]}, 3) frames at the output size with at most "
+                f"{num_frames} frames, got shape {shape}"
+            )
 
 
 def check_guidance_interval(start, end) -> None:
