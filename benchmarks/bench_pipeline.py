@@ -5,6 +5,7 @@
     python benchmarks/bench_pipeline.py --flops-only --mode fast --frames 64      # no GPU needed (meta device)
     python benchmarks/bench_pipeline.py --flops-only --preset fast --frames 64    # a preset's call settings
     python benchmarks/bench_pipeline.py --device cpu --reduced --frames 16 32     # CPU proxy, same topology
+    python benchmarks/bench_pipeline.py --flops-only --frames 64 --refine-size 768  # with the refine pass
 
 Settings are the performance anchor's (shared/docs/performance-anchor.md): 512x512, 25 DDIM steps, guidance 7.5,
 16-frame windows overlapping by 4, fp16 on CUDA. ``parity`` runs the original's schedule (wrap-around windows, one
@@ -30,11 +31,14 @@ from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from magicanimate.loading import apply_speed_settings
+from magicanimate.loading import apply_speed_settings, compile_models
 from magicanimate.models import VideoUNet, magicanimate_motion_adapter
+from magicanimate.models.shallow_controlnet import shallow_controlnet_residuals
 from magicanimate.pipelines import MagicAnimatePipeline, context_windows, magicanimate_scheduler
+from magicanimate.pipelines.feature_cache import FeatureCache
 from magicanimate.pipelines.schedulers import scheduler_for_call
 from magicanimate.settings import PRESETS, load_config, pipeline_arguments
+from magicanimate.stages.refine import refine_steps_run, refine_video
 
 SD15_UNET = {
     "in_channels": 4,
@@ -58,6 +62,7 @@ SD_VAE = {
     "norm_num_groups": 32,
 }
 CLIP_L14 = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12}
+args = None  # the command line's options, set by main()
 MODES = {
     "parity": {"context_schedule": "uniform", "context_batch_size": 1},
     "fast": {"context_schedule": "sliding", "context_batch_size": 4},
@@ -214,6 +219,8 @@ def call_settings(mode: str, steps: int | None = None, preset: str | None = None
     call.pop("share_down_path", None)  # the bench's own --share-down-path decides
     if steps is not None:
         call["num_inference_steps"] = steps
+    if getattr(args, "cache_interval", None) is not None:
+        call["cache_interval"] = args.cache_interval
     return call, config.scheduler
 
 
@@ -247,7 +254,16 @@ def timed_run(pipe, frames, mode, steps, device, count_flops=False):
         memory.start()
         start = time.perf_counter()
         with flops or torch.no_grad(), scheduler_for_call(pipe, scheduler):
-            pipe(reference, motion, generator=torch.Generator(device).manual_seed(0), **call)
+            first = pipe(reference, motion, generator=torch.Generator(device).manual_seed(0), **call).frames
+            refine_s = None
+            if args.refine_size:  # the refine pass of `animate --refine-size`, on the first pass's frames
+                synchronize(device)
+                refine_start = time.perf_counter()
+                refine_video(pipe, first, reference, motion, height=args.refine_size, width=args.refine_size,
+                             strength=args.refine_strength, steps=call["num_inference_steps"],
+                             generator=torch.Generator(device).manual_seed(0), **call)  # fmt: skip
+                synchronize(device)
+                refine_s = time.perf_counter() - refine_start
         synchronize(device)
         wall = time.perf_counter() - start
     decode_rss = memory.phase()  # the decode and the conversion of the frames to the output type
@@ -261,6 +277,7 @@ def timed_run(pipe, frames, mode, steps, device, count_flops=False):
         "s_per_frame": wall / frames,
         "denoise_s": wall - decode_time[0],
         "decode_s": decode_time[0],
+        "refine_s": refine_s,  # within wall_s (its decode also within decode_s)
         "peak_alloc_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
         "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if cuda else None,
         "peak_rss_mib": max(denoise_rss[0], decode_rss) if memory.available else None,
@@ -272,18 +289,27 @@ def timed_run(pipe, frames, mode, steps, device, count_flops=False):
 
 
 def count_flops_meta(
-    frames: int, mode: str, steps: int | None, reduced: bool, share_down_path: bool = True, preset: str | None = None
+    frames: int,
+    mode: str,
+    steps: int | None,
+    reduced: bool,
+    share_down_path: bool = True,
+    preset: str | None = None,
+    px: int | None = None,
+    run_steps: int | None = None,
 ) -> dict:
     """Work of a whole call at full size, without running it: each network call is counted once on the meta device
     (FlopCounterMode needs shapes only) and multiplied by how often the pipeline makes it. Steps outside the guidance
-    interval run the conditional branch alone."""
+    interval run the conditional branch alone.
+
+    A refine pass is such a call at its own ``px`` that runs ``run_steps`` of the schedule and first VAE-encodes the
+    upscaled frames (``run_steps`` given)."""
     pipe = build_pipeline(reduced, device="meta")
-    px = sizes(reduced)["px"]
+    px = px or sizes(reduced)["px"]
     h = px // 8
     padded = -(-frames // 16) * 16
     call, _ = call_settings(mode, steps, preset)
-    steps = call["num_inference_steps"]
-    guided_steps = sum(call["guidance_start"] <= i / steps < call["guidance_end"] for i in range(steps))
+    steps = call["num_inference_steps"] if run_steps is None else run_steps
     windows = context_windows(padded, 16, 4, call["context_schedule"])
     per_call = call["context_batch_size"]
     call_sizes = [min(per_call, len(windows) - first) for first in range(0, len(windows), per_call)]
@@ -293,29 +319,44 @@ def count_flops_meta(
             fn()
         return counter.get_total_flops() / 1e12
 
+    # Each step is guided or not, and (with cache_interval) full or reusing the cached deep features: the same
+    # decision as the pipeline's (FeatureCache), so the same counts.
+    interval = call.get("cache_interval", 1)
+    cache = FeatureCache(interval) if interval > 1 else None
+    kinds = []
+    for i in range(steps):
+        branches = (False, True) if call["guidance_start"] <= i / steps < call["guidance_end"] else (True,)
+        reuse = cache is not None and cache.reuses(i, list(branches))
+        if cache is not None and not reuse:
+            cache.start_full_step(list(branches))
+        kinds.append((branches, reuse))
+
     with torch.device("meta"):
         text = torch.empty(1, 77, pipe.text_encoder.config.hidden_size)
         latent = torch.empty(1, 4, h, h)
         work = {"text_encoder": flops(lambda: pipe.text_encoder(torch.zeros(1, 77, dtype=torch.long)))}
         work["vae_encode"] = flops(lambda: pipe.vae.encode(torch.empty(1, 3, px, px)))
         work["appearance_encoder"] = steps * flops(lambda: pipe.encode_appearance(latent, 1, text))
-        down, mid = pipe.controlnet(
-            torch.empty(16, 4, h, h), 1, text.expand(16, -1, -1), torch.empty(16, 3, px, px), return_dict=False
-        )
-        work["controlnet"] = (
-            steps
-            * (padded // 16)
-            * flops(
-                lambda: pipe.controlnet(
-                    torch.empty(16, 4, h, h), 1, text.expand(16, -1, -1), torch.empty(16, 3, px, px)
-                )
-            )
-        )
+        control_input = (torch.empty(16, 4, h, h), 1, text.expand(16, -1, -1), torch.empty(16, 3, px, px))
+        down, mid = pipe.controlnet(*control_input, return_dict=False)
+        shallow = shallow_controlnet_residuals(pipe.controlnet, *control_input, 1.0, 1)
+        control = {
+            False: flops(lambda: pipe.controlnet(*control_input)),
+            True: flops(lambda: shallow_controlnet_residuals(pipe.controlnet, *control_input, 1.0, 1)),
+        }
+        work["controlnet"] = (padded // 16) * sum(control[reuse] for _, reuse in kinds)
 
-        def unet_call(windows_in_call, first, branches=(False, True)):
+        def unet_call(windows_in_call, first, branches, reuse):
             if first:  # the first call of a step also projects the reference keys/values
                 pipe.reference_control.load_reference()
-            residuals = [r.repeat(windows_in_call, 1, 1, 1) for r in (*down, mid)]  # the frames of the windows
+            residuals = [r.repeat(windows_in_call, 1, 1, 1) for r in (shallow if reuse else (*down, mid))]
+            call_cache = None
+            if cache is not None:  # a full call fills the cache the reuse call reads
+                call_cache = FeatureCache(interval)
+                if reuse:
+                    full = [r.repeat(windows_in_call, 1, 1, 1) for r in (*down, mid)]
+                    pipe.denoise_windows(torch.empty(1, 4, padded, h, h), 1, text, windows[:windows_in_call], full,
+                                         list(branches), share_down_path=share_down_path, cache=call_cache)  # fmt: skip
             return flops(
                 lambda: pipe.denoise_windows(
                     torch.empty(1, 4, padded, h, h),
@@ -325,15 +366,21 @@ def count_flops_meta(
                     residuals,
                     list(branches),
                     share_down_path=share_down_path,
+                    cache=call_cache,
+                    reuse=reuse,
                 )
             )
 
         pipe.encode_appearance(latent, 1, text)
-        for branches, count in (((False, True), guided_steps), ((True,), steps - guided_steps)):
-            first = unet_call(call_sizes[0], True, branches)
-            others = {size: unet_call(size, False, branches) for size in set(call_sizes[1:])}
-            work["unet"] = work.get("unet", 0.0) + count * (first + sum(others[size] for size in call_sizes[1:]))
+        per_step = {}
+        for kind in set(kinds):
+            first = unet_call(call_sizes[0], True, *kind)
+            others = {size: unet_call(size, False, *kind) for size in set(call_sizes[1:])}
+            per_step[kind] = first + sum(others[size] for size in call_sizes[1:])
+        work["unet"] = sum(per_step[kind] for kind in kinds)
         work["vae_decode"] = frames * flops(lambda: pipe.vae.decode(torch.empty(1, 4, h, h)))
+        if run_steps is not None:  # a refine pass starts from the encoded frames
+            work["vae_encode"] += frames * flops(lambda: pipe.vae.encode(torch.empty(1, 3, px, px)))
     return {
         "frames": frames,
         "mode": mode if preset is None else f"{mode}, preset {preset}",
@@ -360,7 +407,8 @@ def main():
     parser.add_argument("--reduced", action="store_true", help="narrow widths and 128 px (a CPU proxy)")
     parser.add_argument("--flops-only", action="store_true", help="count work at full size on the meta device")
     parser.add_argument("--flops", action="store_true", help="also count FLOPs of the timed run (slower)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the video UNet (fast mode)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the video UNet and the ControlNet")
+    parser.add_argument("--compile-mode", default="default", choices=("default", "max-autotune", "reduce-overhead"))
     parser.add_argument("--motion-attention", choices=("sdpa", "bmm"), default="sdpa", help="motion-module attention")
     parser.add_argument("--json", action="store_true", help="one JSON object per line and run")
     parser.add_argument(
@@ -370,6 +418,9 @@ def main():
         help="one UNet down path for both guidance branches (the pipeline's default; --no-share-down-path: two)",
     )
     parser.add_argument("--decode-chunk-size", type=int, help="frames per VAE decode call (default: the pipeline's)")
+    parser.add_argument("--refine-size", type=int, help="add the refine pass at this (square) size, as animate does")
+    parser.add_argument("--refine-strength", type=float, default=0.4, help="the refine pass's strength (0.4)")
+    parser.add_argument("--cache-interval", type=int, help="feature reuse: a full UNet step every N (default: 1)")
     args = parser.parse_args()
 
     if args.flops_only:
@@ -377,6 +428,14 @@ def main():
             count_flops_meta(n, args.mode, args.steps, args.reduced, args.share_down_path, args.preset)
             for n in args.frames
         ]
+        if args.refine_size:  # the whole animation: the first pass, then the refine pass (its own counts)
+            run = refine_steps_run(call_settings(args.mode, args.steps, args.preset)[0]["num_inference_steps"],
+                                   args.refine_strength)  # fmt: skip
+            for row in rows:
+                refine = count_flops_meta(row["frames"], args.mode, args.steps, args.reduced, args.share_down_path,
+                                          args.preset, px=args.refine_size, run_steps=run)  # fmt: skip
+                row.update(refine_tflop=refine["tflop"], refine_calls=refine["calls"])
+                row["tflop"] += refine["tflop"]
     else:
         dtype = torch.float16 if args.device.startswith("cuda") else torch.float32
         pipe = build_pipeline(args.reduced, args.device, dtype).to(args.device)
@@ -385,8 +444,8 @@ def main():
         if args.mode == "fast":
             pipe.unet.to(memory_format=torch.channels_last)
             pipe.controlnet.to(memory_format=torch.channels_last)
-            if args.compile:
-                pipe.unet = torch.compile(pipe.unet)
+        if args.compile:  # as `--compile` does: the video UNet and the ControlNet
+            compile_models(pipe, args.compile_mode)
         timed_run(pipe, 16, args.mode, 2, args.device)  # warm-up
         rows = []
         for n in args.frames:
@@ -395,6 +454,7 @@ def main():
                 for i in range(args.repeats)
             ]
             medians = ("wall_s", "denoise_s", "decode_s", "peak_rss_mib", "peak_rss_denoise_mib", "peak_rss_decode_mib")
+            medians += ("refine_s",)
             row = {**runs[0], **{k: statistics.median(r[k] for r in runs) for k in medians if runs[0][k] is not None}}
             row.update(s_per_frame=row["wall_s"] / n, runs_s=[round(r["wall_s"], 3) for r in runs])
             row["tflop_per_s"] = row["tflop"] / row["wall_s"] if row["tflop"] else None
@@ -424,6 +484,9 @@ def main():
         "tflop_per_s",
         "calls",
     ]
+    if args.refine_size:  # the refine pass's share of the time and work (the totals include it)
+        columns[columns.index("decode_s") + 1 : columns.index("decode_s") + 1] = ["refine_s"]
+        columns[columns.index("tflop") + 1 : columns.index("tflop") + 1] = ["refine_tflop"]
     print("| " + " | ".join(columns) + " |")
     print("|" + "---|" * len(columns))
     for row in rows:

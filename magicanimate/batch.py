@@ -1,9 +1,11 @@
 """Many animations in one run: ``magicanimate batch jobs.yaml`` (or ``jobs.csv``).
 
-A manifest lists jobs (``reference``, ``driving``, ``output``, and any setting of ``configs/animation.yaml`` to
-override for that job). The pipeline is loaded once. Nothing is lost: every output is written under a temporary name
-and renamed when complete, so a rerun skips the jobs that finished (unless ``--overwrite``) and a crash or Ctrl-C
-never leaves a half-written file that looks finished; a failing job is reported and the others go on.
+A manifest lists jobs (``reference`` or ``prompt``, ``driving``, ``output``, and any setting of
+``configs/animation.yaml`` to override for that job). The pipeline is loaded once. Nothing is lost: every output is
+written under a temporary name and renamed when complete, so a rerun skips the jobs that finished (unless
+``--overwrite``) and a crash or Ctrl-C never leaves a half-written file that looks finished; a failing job is
+reported and the others go on. A job with a prompt instead of a reference also gets its generated photo,
+``NAME.reference.png`` next to its output.
 
 What fails, and when:
 
@@ -51,6 +53,8 @@ JOB_KEYS = ("driving_kind", "align_to_reference")
 DRIVING_KINDS = ("auto", "densepose", "raw")
 # Batch-wide keys of `defaults:`: the DensePose model is loaded once, like the pipeline.
 BATCH_KEYS = ("densepose_model",)
+# CSV cells kept as written (a prompt such as "yes" or "a: b" is text, not a YAML value).
+TEXT_KEYS = (*BATCH_KEYS, "prompt", "negative_prompt")
 CSV_DELIMITERS = (",", ";", "\t")
 STATUSES = ("done", "skipped", "failed", "interrupted", "pending")
 
@@ -60,12 +64,13 @@ class Job:
     """One line of the manifest; ``index`` is its 1-based position, ``settings`` its own overrides."""
 
     index: int
-    reference: Path
+    reference: Path | None  # None: the photo is generated from the job's prompt setting
     driving: Path
     output: Path
     driving_kind: str = "auto"
     align_to_reference: bool = False
     settings: dict = field(default_factory=dict)
+    reference_end: Path | None = None  # keyframes: the photo the clip ends at
 
 
 @dataclass
@@ -164,7 +169,8 @@ def _parse_csv(text: str, path: Path) -> list[dict]:
     except csv.Error as err:
         raise InputError(f"manifest {path} is not valid CSV: {err}") from None
     columns = [name.strip() for name in reader.fieldnames or []]
-    missing = [key for key in ("reference", "output") if key not in columns]
+    missing = [] if "reference" in columns or "prompt" in columns else ["reference (or prompt)"]
+    missing += [] if "output" in columns else ["output"]
     if "driving" not in columns and "motion" not in columns:
         missing.insert(1, "driving")
     if missing:
@@ -179,7 +185,7 @@ def _parse_csv(text: str, path: Path) -> list[dict]:
             if key is None or value is None or not value.strip():
                 continue  # extra cells without a header, or an empty cell: the default
             key, value = key.strip(), value.strip()
-            entry[key] = value if key in (*PATH_KEYS, "motion", "driving_kind", *BATCH_KEYS) else _parse_cell(value)
+            entry[key] = value if key in (*PATH_KEYS, *TEXT_KEYS, "motion", "driving_kind") else _parse_cell(value)
         if entry:
             entries.append(entry)
     return entries
@@ -193,7 +199,8 @@ def csv_delimiter(header: str) -> str:
         return [cell.strip() for cell in next(csv.reader([header], delimiter=delimiter), [])]
 
     for delimiter in CSV_DELIMITERS:
-        if {"reference", "output"} <= set(cells(delimiter)):
+        names = set(cells(delimiter))
+        if "output" in names and names & {"reference", "prompt"}:
             return delimiter
     return max(CSV_DELIMITERS, key=lambda delimiter: len(cells(delimiter)))
 
@@ -222,15 +229,22 @@ def _make_job(index: int, entry, root: Path, job_defaults: dict) -> Job:
         if "driving" in entry:
             raise InputError(f"job {index} gives both 'driving' and 'motion'; they are the same thing, keep one")
         entry["driving"] = entry.pop("motion")
-    missing = [key for key in PATH_KEYS if entry.get(key) in (None, "")]
+    missing = [key for key in PATH_KEYS if entry.get(key) in (None, "") and key != "reference"]
     if missing:
         raise InputError(f"job {index} has no {', '.join(missing)}")
-    paths = {}
+    paths = {"reference": None}  # without one, the job's prompt setting makes the photo (checked in job_configs)
     for key in PATH_KEYS:
-        value = entry.pop(key)
+        value = entry.pop(key, None)
+        if key == "reference" and value in (None, ""):
+            continue
         if not isinstance(value, (str, int)) or isinstance(value, bool):
             raise InputError(f"job {index}: {key} must be a path, got {value!r}")
         paths[key] = root / Path(str(value)).expanduser()
+    end = entry.pop("reference_end", None)
+    if end not in (None, ""):
+        if not isinstance(end, (str, int)) or isinstance(end, bool):
+            raise InputError(f"job {index}: reference_end must be a path, got {end!r}")
+        paths["reference_end"] = root / Path(str(end)).expanduser()
     options = {**job_defaults, **{key: entry.pop(key) for key in JOB_KEYS if key in entry}}
     kind = options.get("driving_kind") or "auto"
     if kind not in DRIVING_KINDS:
@@ -253,12 +267,15 @@ def _check_outputs(jobs: list[Job], manifest: Path) -> None:
     share, or that cannot be written. Outputs may exist: finished jobs are skipped, ``--overwrite`` redoes them."""
     inputs: dict[Path, tuple[int, str]] = {}
     for job in jobs:
-        inputs.setdefault(job.reference.resolve(), (job.index, "reference"))
+        if job.reference is not None:
+            inputs.setdefault(job.reference.resolve(), (job.index, "reference"))
+        if job.reference_end is not None:
+            inputs.setdefault(job.reference_end.resolve(), (job.index, "reference_end"))
         inputs.setdefault(job.driving.resolve(), (job.index, "driving video"))
     outputs: dict[Path, int] = {}
     for job in jobs:
         try:
-            check_output(job.output, inputs=[job.reference, job.driving, manifest], overwrite=True)
+            check_output(job.output, inputs=[job.reference, job.reference_end, job.driving, manifest], overwrite=True)
         except InputError as err:
             raise InputError(f"job {job.index}: {err}") from None
         resolved = job.output.resolve()
@@ -295,10 +312,53 @@ def job_configs(manifest: Manifest, config: str | Path | None = None, flags: dic
         if key not in seen:
             try:
                 seen[key] = load_config({**base, **job.settings})
+                if seen[key].frame_stride > 1:  # an interpolator that cannot be found fails the batch now
+                    from .interpolation import find_interpolator
+
+                    find_interpolator(seen[key].interpolator)
             except SettingError as err:
                 raise _attribute(err, job, layers, config) from None
         configs[job.index] = seen[key]
+    _check_reference_sources(manifest, configs, layers, config)
     return base, configs
+
+
+def _check_reference_sources(manifest: Manifest, configs: dict, layers: dict, config) -> None:
+    """Every job has exactly one of a reference photo and a prompt (its own ``prompt:``, or one from ``defaults:``,
+    the flags or ``--config``); the photo a prompt makes goes next to the output (``NAME.reference.png``), which
+    must be writable and not one of the batch's inputs or outputs."""
+    from .stages.prompt_reference import reference_output_path
+
+    taken = {job.output.resolve(): job.index for job in manifest.jobs}
+    for job in manifest.jobs:
+        taken.update({path.resolve(): job.index for path in (job.reference, job.driving) if path is not None})
+    for job in manifest.jobs:
+        prompt = configs[job.index].prompt
+        if job.reference is None and prompt is None:
+            raise InputError(f"job {job.index} has no reference (a photo) or prompt (a description to generate one)")
+        if job.reference is not None and prompt is not None:
+            where = "its own"
+            if "prompt" not in job.settings:  # the layer it comes from, highest first
+                named = (("flags", "--prompt"), ("defaults", "defaults:"), ("config", f"config file {config}"))
+                where = next(f"from {name}" for key, name in named if "prompt" in layers[key])
+            raise InputError(f"job {job.index} has both a reference and a prompt ({where}); give each job one")
+        if prompt is None:
+            continue
+        if job.align_to_reference:
+            raise InputError(
+                f"job {job.index}: align_to_reference needs a reference photo; a prompt's photo is generated to fit "
+                "the motion instead"
+            )
+        photo = reference_output_path(job.output)
+        if photo.resolve() in taken:
+            raise InputError(
+                f"job {job.index} writes its generated photo to {photo}, which is job {taken[photo.resolve()]}'s "
+                "input or output; rename the output"
+            )
+        try:
+            check_output(photo, inputs=[manifest.path], overwrite=True, suffixes=(".png",))
+        except InputError as err:
+            raise InputError(f"job {job.index}: {err}") from None
 
 
 def _attribute(err: SettingError, job: Job, layers: dict, config) -> Exception:
@@ -357,14 +417,17 @@ def inspect_job(job: Job, config) -> str:
     from .densepose.palette import looks_like_densepose, sample_video
     from .io.video import probe_fps
 
-    check_readable(job.reference, "image file")
-    try:
-        with Image.open(job.reference):  # the header only: full decoding waits for the job
-            pass
-    except (OSError, SyntaxError, ValueError):
-        raise InputError(
-            f"cannot read image {job.reference}: not an image or corrupted; pass a PNG, JPEG or WebP file"
-        ) from None
+    for photo in (job.reference, job.reference_end):  # no reference: the photo comes from the job's prompt
+        if photo is None:
+            continue
+        check_readable(photo, "image file")
+        try:
+            with Image.open(photo):  # the header only: full decoding waits for the job
+                pass
+        except (OSError, SyntaxError, ValueError):
+            raise InputError(
+                f"cannot read image {photo}: not an image or corrupted; pass a PNG, JPEG or WebP file"
+            ) from None
     check_readable(job.driving, "video file")
     if job.driving_kind != "auto" or not config.check_motion:
         probe_fps(job.driving)  # at least a video
@@ -460,7 +523,13 @@ def run_job(job: Job, kind: str, config, models: Models, on_step: Callable[[int,
         }
     else:
         source = {"motion": job.driving}
+    if job.reference_end is not None:
+        source["reference_end"] = job.reference_end
     video = animate(job.reference, pipeline=models.pipeline, config=dict(config), progress=on_step, **source)
+    if video.reference is not None:  # a photo generated from the prompt: saved first, the output marks the job done
+        from .stages.prompt_reference import save_reference
+
+        save_reference(video.reference, job.output)
     video.save(job.output, crf=config.crf)
 
 
@@ -497,7 +566,7 @@ def run_batch(
     if model is not None:
         check_readable(model, "DensePose model")  # given but wrong: a mistake in the command, not in a job
     mine = shard(plan.jobs, rank, world)
-    results = [JobResult(job.index, str(job.reference), str(job.driving), str(job.output), "pending") for job in mine]
+    results = [JobResult(job.index, _reference_name(job), str(job.driving), str(job.output), "pending") for job in mine]
     kinds = _check_jobs(mine, results, configs, overwrite, model, tqdm)
     if any(result.status == "failed" for result in results):
         report.write(_report_data(manifest, rank, world, results))  # known now, not only after the first job
@@ -555,14 +624,25 @@ def _check_jobs(jobs, results, configs, overwrite, model, tqdm) -> dict[int, str
     return kinds
 
 
+def _reference_name(job: Job) -> str:
+    """The report's reference: the photo given, or the one the job's prompt makes next to its output."""
+    if job.reference is not None:
+        return str(job.reference)
+    from .stages.prompt_reference import reference_output_path
+
+    return str(reference_output_path(job.output))
+
+
 def _fail(job: Job, result: JobResult, error: str, tqdm) -> None:
     result.status, result.error = "failed", error
     tqdm.write(f"job {job.index} failed: {error}", file=sys.stderr)
 
 
 def _run_one(job: Job, result: JobResult, kind: str, config, models: Models, tqdm) -> None:
+    from .api import denoising_steps
+
     remove_stale_partials(job.output)
-    step_bar = tqdm(total=config.steps, desc=f"job {job.index}", unit="step", position=1, leave=False)
+    step_bar = tqdm(total=denoising_steps(config), desc=f"job {job.index}", unit="step", position=1, leave=False)
     start = time.perf_counter()
     try:
         run_job(job, kind, config, models, lambda step, total: step_bar.update(step - step_bar.n))
@@ -595,7 +675,7 @@ def check_report_path(path: Path | None, manifest: Manifest, config) -> None:
     resolved = Path(path).resolve()
     for job in manifest.jobs:
         for key in PATH_KEYS:
-            if getattr(job, key).resolve() == resolved:
+            if getattr(job, key) is not None and getattr(job, key).resolve() == resolved:
                 raise InputError(f"the report {path} is job {job.index}'s {key}; choose another --report path")
     check_output(path, overwrite=True, suffixes=None)
 

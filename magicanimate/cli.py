@@ -16,13 +16,18 @@ from pathlib import Path
 
 from . import batch, convert, demo
 from .densepose import command as densepose
-from .errors import as_user_error
+from .errors import InputError, as_user_error
+from .evaluation import command as evaluate
 from .settings import BY_NAME, SettingError, add_setting_flags, load_config, settings_from_args
+from .training import command as train_command
+from .training import export as export_command
+from .training import prepare as prepare_data
 
 DESCRIPTION = (
     "Animate a photo of a person with a motion (a DensePose video, or a video of someone moving). Commands: "
-    "animate (one clip), batch (many), demo (web UI), densepose (extract a motion), download (weights), convert "
-    "(weights to safetensors). Run 'magicanimate COMMAND --help' for a command's options."
+    "animate (one clip), batch (many), demo (web UI), densepose (extract a motion), evaluate (metrics), download "
+    "(weights), convert (weights to safetensors), prepare-data, train and export (training your own). Run "
+    "'magicanimate COMMAND --help' for a command's options."
 )
 OUTPUT_HELP = (
     "where to write the result: NAME.mp4 (H.264, with the motion's sound), NAME.gif, or a name without suffix for a "
@@ -50,7 +55,29 @@ def build_parser() -> argparse.ArgumentParser:
         "of a person; its DensePose is extracted first). Settings come from the defaults, then --config, then flags. "
         "For a quick first look on a CPU: --preset preview.",
     )
-    animate.add_argument("--reference", required=True, help="reference photo of the person (PNG, JPEG, WebP)")
+    photo = animate.add_mutually_exclusive_group()  # one of them, from a flag or (the prompt) --config
+    photo.add_argument("--reference", help="reference photo of the person (PNG, JPEG, WebP)")
+    photo.add_argument(
+        "--prompt",
+        default=None,
+        metavar="TEXT",
+        help=f"{BY_NAME['prompt'].help}; exclusive with --reference (see also --negative-prompt, --prompt-steps, "
+        "--prompt-guidance, --prompt-model)",
+    )
+    animate.add_argument(
+        "--reference-end",
+        metavar="PHOTO",
+        help="a second photo the clip ends at (its last frame): the look changes from --reference to it along the clip "
+        "(bidirectional sampling; about twice the work)",
+    )
+    animate.add_argument(
+        "--keyframe",
+        action="append",
+        type=keyframe_argument,
+        metavar="FRAME:PHOTO",
+        help="a photo the clip passes through at that motion frame (from 0); repeat for several. --reference is the "
+        "keyframe at frame 0; the cost does not grow with the number of keyframes",
+    )
     source = animate.add_mutually_exclusive_group(required=True)
     source.add_argument("--motion", help="DensePose video (viridis part map, as MagicAnimate uses)")
     source.add_argument("--driving", help="raw video of a person; its DensePose is extracted first (as `densepose`)")
@@ -71,13 +98,25 @@ def build_parser() -> argparse.ArgumentParser:
     add_setting_flags(animate)
 
     densepose.add_parser(commands)
+    evaluate.add_parser(commands)
     download = commands.add_parser("download", help="fetch SD 1.5, sd-vae-ft-mse and MagicAnimate weights")
     download.add_argument("--to", default=None, help="target folder (default: $MAGICANIMATE_PRETRAINED or ~/.cache)")
     download.add_argument("--debug", action="store_true", help="show tracebacks")
     batch.add_parser(commands, add_setting_flags)  # `batch`, `demo`, `densepose`, `convert` run through `args.run`
     demo.add_parser(commands, add_setting_flags)
     convert.add_parser(commands)
+    prepare_data.add_parser(commands)
+    train_command.add_parser(commands)
+    export_command.add_parser(commands)
     return parser
+
+
+def keyframe_argument(text: str) -> tuple[int, str]:
+    """``FRAME:PHOTO`` -> ``(frame, photo)`` (the photo may contain ``:``)."""
+    frame, colon, photo = text.partition(":")
+    if not colon or not photo or not frame.strip().isdigit():
+        raise argparse.ArgumentTypeError(f"must be FRAME:PHOTO with a frame number from 0, got {text!r}")
+    return int(frame), photo
 
 
 def animate_command(args) -> Path | None:
@@ -87,8 +126,25 @@ def animate_command(args) -> Path | None:
     config = load_config(args.config, **settings_from_args(args))
     if args.align_to_reference and not args.driving:
         raise SettingError("align_to_reference", "--align-to-reference works with --driving (a video of a person)")
-    inputs = [args.reference, args.motion, args.driving, args.config, args.densepose_model]
+    if args.reference is None and config.prompt is None and not args.keyframe:
+        raise InputError("give the person to animate: --reference PHOTO, or --prompt TEXT to generate the photo")
+    if args.reference is not None and config.prompt is not None:
+        raise InputError(f"--reference and a prompt (prompt: in {args.config}) are exclusive; give one")
+    keyframes = [photo for _, photo in args.keyframe or []]
+    inputs = [
+        args.reference,
+        args.reference_end,
+        *keyframes,
+        args.motion,
+        args.driving,
+        args.config,
+        args.densepose_model,
+    ]
     check_output(args.output, inputs=inputs, overwrite=args.overwrite)
+    if config.prompt is not None:  # the generated photo is written next to the output
+        from .stages.prompt_reference import reference_output_path
+
+        check_output(reference_output_path(args.output), inputs=inputs, overwrite=args.overwrite, suffixes=(".png",))
     rank = 0
     settings = dict(config)
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # under torchrun: one clip split across the ranks
@@ -104,9 +160,17 @@ def animate_command(args) -> Path | None:
         driving=args.driving,
         densepose_model=args.densepose_model,
         align_to_reference=args.align_to_reference,
+        reference_end=args.reference_end,
+        references=args.keyframe,
         **settings,
     )
-    return video.save(args.output, crf=config.crf) if rank == 0 else None
+    if rank != 0:
+        return None
+    if video.reference is not None:
+        from .stages.prompt_reference import save_reference
+
+        print(f"wrote {save_reference(video.reference, args.output)}")
+    return video.save(args.output, crf=config.crf)
 
 
 def download_command(args) -> Path:

@@ -181,6 +181,9 @@ SETTINGS: tuple[Setting, ...] = (
     S("noise_prior", float, 0.0, "latent noise prior: move the initial noise towards the reference image's latent "
       "(steadier layout and background over long clips; 0: off, the original's noise)", "sampling", low=0, high=1,
       argument="noise_prior"),
+    S("keyframe_blend", str, "linear", "with reference_end or keyframes: how each frame's weight moves from the "
+      "earlier keyframe's estimate to the later one's (linear, or smooth: eased at both keyframes)", "sampling",
+      choices=("linear", "smooth"), argument="keyframe_blend"),
     # Stages.
     S("prompt", str, None, "generate the reference photo from this text with SD 1.5 (instead of a reference "
       "photo); it is saved next to the output as NAME.reference.png", "stages", nullable=True),
@@ -196,8 +199,9 @@ SETTINGS: tuple[Setting, ...] = (
       "pure noise)", "stages", low=0, high=1),
     S("refine_steps", int, None, "denoising steps of the full schedule the refine pass runs a part of (null: steps)",
       "stages", low=1, high=1000, nullable=True),
-    S("frame_stride", int, 1, "animate every k-th motion frame (and the last) and interpolate the frames between: "
-      "about k times less diffusion work (1: every frame)", "stages", low=1, high=8),
+    S("frame_stride", int, 1, "animate every k-th motion frame (and the last) and interpolate the frames between: k "
+      "times fewer animated frames, so fewer 16-frame windows (64 frames at 2: 4 windows instead of 6; 1: every "
+      "frame)", "stages", low=1, high=8),
     S("interpolator", str, "flow", "how frame_stride fills the frames between: flow (built-in optical flow, "
       "OpenCV), an entry point of the magicanimate.interpolators group, or a dotted path module:object", "stages"),
     # Output.
@@ -233,7 +237,9 @@ del S
 BY_NAME: dict[str, Setting] = {setting.name: setting for setting in SETTINGS}
 # The single checkpoint pieces (the original config's key names) that replace parts of the `pretrained` tree.
 PIECE_KEYS = tuple(
-    s.name for s in SETTINGS if s.group == "checkpoints" and s.kind is str and not s.choices and s.name not in ("pretrained", "lora")
+    s.name
+    for s in SETTINGS
+    if s.group == "checkpoints" and s.kind is str and not s.choices and s.name not in ("pretrained", "lora")
 )
 LOAD_KEYS = tuple(s.name for s in SETTINGS if s.scope == "load")
 
@@ -367,11 +373,13 @@ def frame_size(height: int, width: int, size: int | None) -> tuple[int, int]:
 # ---------------------------------------------------------------------------------------------------- front ends
 
 
-def add_setting_flags(parser: argparse.ArgumentParser, *, skip: tuple[str, ...] = ()) -> None:
-    """One flag per setting, named after it, with its help, allowed values and default. Flags default to ``None``
-    (not given), so only what the user typed overrides the config file."""
+def add_setting_flags(
+    parser: argparse.ArgumentParser, *, skip: tuple[str, ...] = (), table: tuple[Setting, ...] = SETTINGS
+) -> None:
+    """One flag per setting of ``table`` (default: :data:`SETTINGS`), named after it, with its help, allowed values
+    and default. Flags default to ``None`` (not given), so only what the user typed overrides the config file."""
     groups: dict[str, argparse._ArgumentGroup] = {}
-    for setting in SETTINGS:
+    for setting in table:
         if setting.name in skip or setting.flag in parser._option_string_actions:
             continue  # a command may give a setting its own flag (e.g. ``--pretrained`` with a command-specific help)
         if setting.group not in groups:
@@ -381,7 +389,11 @@ def add_setting_flags(parser: argparse.ArgumentParser, *, skip: tuple[str, ...] 
         if setting.kind is bool:
             text = f"{setting.help} (default: {'on' if setting.default else 'off'})"
             group.add_argument(
-                setting.flag, dest=setting.name, action=argparse.BooleanOptionalAction, default=None, help=text
+                setting.flag,
+                dest=setting.name,
+                action=argparse.BooleanOptionalAction,
+                default=None,
+                help=text.replace("%", "%%"),
             )
             continue
         text = f"{setting.help}; {setting.allowed()} (default: {default})"
@@ -423,22 +435,27 @@ def _flag_parser(setting: Setting):
     return parse
 
 
-def settings_from_args(args: argparse.Namespace) -> dict:
-    """The settings a parsed command line gave (flags left out are not in the result)."""
-    return {name: value for name, value in vars(args).items() if name in BY_NAME and value is not None}
+def settings_from_args(args: argparse.Namespace, names: Mapping | None = None) -> dict:
+    """The settings (of ``names``, default: :data:`BY_NAME`) a parsed command line gave (flags left out are not in
+    the result)."""
+    names = BY_NAME if names is None else names
+    return {name: value for name, value in vars(args).items() if name in names and value is not None}
 
 
 # ---------------------------------------------------------------------------------------------------- the YAML
 
 
-def render_yaml() -> str:
-    """``configs/animation.yaml`` as :data:`SETTINGS` define it: every key at its default, its help as a comment."""
-    lines = [YAML_HEADER]
+def render_yaml(
+    table: tuple[Setting, ...] = SETTINGS, header: str = YAML_HEADER, titles: Mapping = GROUP_TITLES
+) -> str:
+    """``configs/animation.yaml`` as :data:`SETTINGS` define it (or another ``table`` with its ``header`` and group
+    ``titles``): every key at its default, its help as a comment."""
+    lines = [header]
     group = None
-    for setting in SETTINGS:
+    for setting in table:
         if setting.group != group:
             group = setting.group
-            lines.append("\n" + "".join(f"# {line}\n" for line in textwrap.wrap(GROUP_TITLES[group], 116)))
+            lines.append("\n" + "".join(f"# {line}\n" for line in textwrap.wrap(titles[group], 116)))
         value = yaml.safe_dump(setting.default, default_flow_style=True).removesuffix("\n...\n").strip()
         lines.extend(f"# {line}\n" for line in textwrap.wrap(f"{setting.help} ({setting.allowed()})", 116))
         lines.append(f"{setting.name}: {value}\n")

@@ -172,9 +172,14 @@ def test_work_drops_by_exactly_the_skipped_blocks(tiny_pipe, reference_image, mo
     skipped = [f"VideoUNet.down_blocks.{i}" for i in range(1, unet)] + ["VideoUNet.mid_block"]
     skipped += [f"VideoUNet.up_blocks.{i}" for i in range(unet - 1)]
     skipped += [f"ControlNetModel.down_blocks.{i}" for i in range(1, control)] + ["ControlNetModel.mid_block"]
-    skipped += [f"ControlNetModel.controlnet_down_blocks.{i}" for i in range(first_residuals, len(tiny_pipe.controlnet.controlnet_down_blocks))]
+    skipped += [
+        f"ControlNetModel.controlnet_down_blocks.{i}"
+        for i in range(first_residuals, len(tiny_pipe.controlnet.controlnet_down_blocks))
+    ]
     skipped += ["ControlNetModel.controlnet_mid_block"]
-    print(f"full step {full_step / 1e9:.3f} GFLOP, cached step {cached_step / 1e9:.3f} ({cached_step / full_step:.2f}x)")
+    print(
+        f"full step {full_step / 1e9:.3f} GFLOP, cached step {cached_step / 1e9:.3f} ({cached_step / full_step:.2f}x)"
+    )
     assert full_step - cached_step == sum(one[name] for name in skipped)
     assert flops(4, 3) == fixed + 2 * full_step + 2 * cached_step
     assert cached_step < full_step
@@ -199,3 +204,14 @@ def test_cache_with_sliding_windows_batches_and_cpu_storage(tiny_pipe, reference
     batched = _run(tiny_pipe, reference_image, motion32, cache_interval=2, context_schedule="sliding",
                    context_batch_size=2, cache_device="cpu")  # fmt: skip
     np.testing.assert_allclose(batched, one, rtol=0, atol=3e-5)
+
+
+def test_the_plan_counts_the_cached_steps():
+    """The time in the plan line follows the work: cached steps count at their measured share."""
+    from magicanimate.api import CACHED_STEP_WORK, UNGUIDED_STEP_WORK, step_work
+    from magicanimate.settings import load_config
+
+    assert step_work(load_config()) == 1.0
+    assert step_work(load_config(cache_interval=2, steps=4)) == pytest.approx((1 + CACHED_STEP_WORK) / 2)
+    assert step_work(load_config(guidance_end=0.5, steps=4)) == pytest.approx((1 + UNGUIDED_STEP_WORK) / 2)
+    assert step_work(load_config(), keyframes=2) == 2.0

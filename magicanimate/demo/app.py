@@ -32,6 +32,13 @@ LABELS = {
     "context_overlap": "Window overlap",
     "context_schedule": "Window schedule",
     "max_frames": "Frames to use",
+    "prompt": "Or describe the person (instead of a photo)",
+    "negative_prompt": "The generated photo should not show",
+    "refine_size": "Refine pass: larger size (0 = off)",
+    "refine_strength": "Refine strength",
+    "frame_stride": "Animate every k-th frame, interpolate the rest (1 = all)",
+    "noise_prior": "Noise prior (steadier layout; 0 = off)",
+    "keyframe_blend": "Blend towards the end photo",
 }
 OUT_OF_MEMORY = "Out of memory: try a smaller size, fewer frames or fewer window frames."
 BUG = "Something went wrong inside the demo (a bug, not your input); the server's log has the details."
@@ -137,9 +144,92 @@ def build_demo(
     """
     limits = limits or Limits()
     config = request_settings(defaults if defaults is not None else load_config(), limits)
+    # A server's --prompt is the prompt box's starting text, not a default under every request (an upload would
+    # then come with a prompt too).
+    server_prompt, config.prompt = config.prompt, None
     pairs = find_examples(examples)
     animator = Animator(pipeline, limits, extractor)
     sessions = _Sessions()
+
+    def animate_stages(
+        reference_image,
+        prompt,
+        driving_video,
+        steps,
+        guidance_scale,
+        seed,
+        size,
+        context_frames=config.context_frames,
+        context_overlap=config.context_overlap,
+        context_schedule=config.context_schedule,
+        max_frames=0,
+        driving_kind="auto",
+        negative_prompt="",
+        refine_size=0,
+        refine_strength=config.refine_strength,
+        reference_end=None,
+        frame_stride=config.frame_stride,
+        noise_prior=config.noise_prior,
+        keyframe_blend=config.keyframe_blend,
+        grid=False,
+        densepose_preview=False,
+        request: gr.Request = None,
+        progress=gr.Progress(),  # noqa: B008 - how Gradio injects its progress tracker
+    ):
+        """Animate the reference image, or a photo generated from ``prompt`` (give one of them), with the driving
+        video; ``refine_size`` above 0 adds the refine pass at that size; a ``reference_end`` photo is the look the clip
+        ends at (keyframes, blended by ``keyframe_blend``); ``frame_stride`` k animates every k-th frame and
+        interpolates the others; ``noise_prior`` moves the start towards the photo's latent. Returns the animation
+        (H.264 mp4), the 3-panel grid and the DensePose used when ``grid`` and ``densepose_preview`` ask for them
+        (else None), and the photo generated from the prompt (else None)."""
+        session = request.session_hash if request is not None else "api"
+        cancel = sessions.start(session)
+        try:
+            settings = request_settings(
+                config,
+                limits,
+                steps=steps,
+                guidance_scale=guidance_scale,
+                seed=seed,
+                size=size,
+                context_frames=context_frames,
+                context_overlap=context_overlap,
+                context_schedule=context_schedule,
+                max_frames=None if max_frames == 0 else max_frames,  # the slider's 0 means all frames
+                prompt=_text(prompt),  # an empty box: no prompt
+                negative_prompt=_text(negative_prompt),
+                refine_size=None if refine_size in (0, None) else refine_size,  # the slider's 0: no refine pass
+                refine_strength=refine_strength,
+                frame_stride=frame_stride,
+                noise_prior=noise_prior,
+                keyframe_blend=keyframe_blend,
+            )
+            if not isinstance(grid, bool) or not isinstance(densepose_preview, bool):
+                raise InputError("grid and densepose_preview must be true or false")
+            result = animator.run(
+                reference_image,
+                driving_video,
+                settings,
+                driving_kind=driving_kind,
+                grid=grid,
+                preview=densepose_preview,
+                progress=lambda stage, done, total, unit: progress((done, total), desc=stage, unit=unit),
+                warn=gr.Warning,
+                cancel=cancel,
+                reference_end=reference_end,
+            )
+        except Cancelled:
+            log.info("a run was stopped")
+            sessions.failed(session, "Stopped.")
+            raise gr.Error("Stopped.", print_exception=False) from None
+        except Exception as err:
+            error = shown_error(err)
+            sessions.failed(session, error.message)
+            raise error from None
+        finally:
+            sessions.finish(session, cancel)
+        photo = gr.update(value=_path(result.reference), visible=result.reference is not None)
+        return str(result.animation), _path(result.grid), _path(result.preview), photo
 
     def animate(
         reference_image,
@@ -160,45 +250,11 @@ def build_demo(
     ):
         """Animate the reference image with the driving video. Returns the animation (H.264 mp4), then the
         3-panel grid and the DensePose used when ``grid`` and ``densepose_preview`` ask for them (else None)."""
-        session = request.session_hash if request is not None else "api"
-        cancel = sessions.start(session)
-        try:
-            settings = request_settings(
-                config,
-                limits,
-                steps=steps,
-                guidance_scale=guidance_scale,
-                seed=seed,
-                size=size,
-                context_frames=context_frames,
-                context_overlap=context_overlap,
-                context_schedule=context_schedule,
-                max_frames=None if max_frames == 0 else max_frames,  # the slider's 0 means all frames
-            )
-            if not isinstance(grid, bool) or not isinstance(densepose_preview, bool):
-                raise InputError("grid and densepose_preview must be true or false")
-            result = animator.run(
-                reference_image,
-                driving_video,
-                settings,
-                driving_kind=driving_kind,
-                grid=grid,
-                preview=densepose_preview,
-                progress=lambda stage, done, total, unit: progress((done, total), desc=stage, unit=unit),
-                warn=gr.Warning,
-                cancel=cancel,
-            )
-        except Cancelled:
-            log.info("a run was stopped")
-            sessions.failed(session, "Stopped.")
-            raise gr.Error("Stopped.", print_exception=False) from None
-        except Exception as err:
-            error = shown_error(err)
-            sessions.failed(session, error.message)
-            raise error from None
-        finally:
-            sessions.finish(session, cancel)
-        return str(result.animation), _path(result.grid), _path(result.preview)
+        return animate_stages(
+            reference_image, None, driving_video, steps, guidance_scale, seed, size, context_frames, context_overlap,
+            context_schedule, max_frames, driving_kind, grid=grid, densepose_preview=densepose_preview,
+            request=request, progress=progress,
+        )[:3]  # fmt: skip
 
     def stop(request: gr.Request):
         sessions.stop(request.session_hash)
@@ -216,6 +272,12 @@ def build_demo(
         with gr.Row():
             with gr.Column():
                 reference = gr.Image(label="Reference image", type="pil", image_mode="RGB", sources=["upload"])
+                prompt = gr.Textbox(
+                    label=LABELS["prompt"],
+                    value=server_prompt or "",
+                    lines=2,
+                    placeholder="a woman in a red dress, full body, studio photo",
+                )
                 driving = gr.Video(label="Driving video", sources=["upload"], include_audio=True)
                 kind = unchecked(gr.Radio(DRIVING_KINDS, value="auto", label="Driving video is"))
                 with gr.Row():
@@ -235,6 +297,26 @@ def build_demo(
                         0, limits.max_frames, value=0, step=1,
                         label=f"{LABELS['max_frames']} (0 = all, at most {limits.max_frames})",
                     ))  # fmt: skip
+                with gr.Accordion("Advanced: the generated photo and the refine pass", open=False):
+                    negative_prompt = gr.Textbox(label=LABELS["negative_prompt"], placeholder="blurry, cropped")
+                    refine_size = unchecked(gr.Slider(
+                        0, min(BY_NAME["refine_size"].high, limits.max_size), value=config.refine_size or 0, step=8,
+                        label=LABELS["refine_size"],
+                    ))  # fmt: skip
+                    refine_strength = setting_slider("refine_strength", config.refine_strength, step=0.05)
+                with gr.Accordion("Optional: a second photo the clip ends at", open=False):
+                    reference_end = gr.Image(
+                        label="End photo (another outfit, the back, ...): the look changes along the clip; about "
+                        "twice the work",
+                        type="pil",
+                        image_mode="RGB",
+                        sources=["upload"],
+                    )
+                    blend = unchecked(gr.Radio(list(BY_NAME["keyframe_blend"].choices), value=config.keyframe_blend,
+                                               label=LABELS["keyframe_blend"]))  # fmt: skip
+                with gr.Accordion("Advanced: faster and steadier", open=False):
+                    frame_stride = setting_slider("frame_stride", config.frame_stride)
+                    noise_prior = setting_slider("noise_prior", config.noise_prior, step=0.05)
                 with gr.Row():
                     want_grid = gr.Checkbox(False, label="Also make the 3-panel grid")
                     want_preview = gr.Checkbox(False, label="Show the DensePose used")
@@ -247,17 +329,28 @@ def build_demo(
                 grid_video = gr.Video(label="Reference | DensePose | animation", format="mp4", interactive=False,
                                       visible=False)  # fmt: skip
                 preview_video = gr.Video(label="DensePose", format="mp4", interactive=False, visible=False)
+                photo = gr.Image(label="Generated reference photo", type="filepath", interactive=False, visible=False)
         if pairs:
             gr.Examples(pairs, inputs=[reference, driving], label="Examples")
         # The optional outputs show where they will appear as soon as they are asked for.
         for box, video in ((want_grid, grid_video), (want_preview, preview_video)):
             box.change(lambda wanted: gr.update(visible=wanted), box, video, queue=False, api_visibility="private")
-        inputs = [reference, driving, steps, guidance, seed, size, context_frames, context_overlap, schedule,
-                  max_frames, kind, want_grid, want_preview]  # fmt: skip
+        settings = [steps, guidance, seed, size, context_frames, context_overlap, schedule, max_frames, kind]
+        stages = [negative_prompt, refine_size, refine_strength, reference_end, frame_stride, noise_prior, blend]
         run_button.click(lambda: gr.update(visible=False), None, status, queue=False, api_visibility="private")
+        # The button runs every stage (a photo or a prompt, the refine pass): /animate_stages. /animate keeps its
+        # photo-only signature for existing scripts, on a button that is never shown.
         run = run_button.click(
+            animate_stages,
+            [reference, prompt, driving, *settings, *stages, want_grid, want_preview],
+            [animation, grid_video, preview_video, photo],
+            api_name="animate_stages",
+            concurrency_limit=1,
+            concurrency_id="pipeline",
+        )
+        gr.Button(visible=False).click(
             animate,
-            inputs,
+            [reference, driving, *settings, want_grid, want_preview],
             [animation, grid_video, preview_video],
             api_name="animate",
             concurrency_limit=1,
@@ -278,6 +371,11 @@ def _free_memory() -> None:
 
 def _path(path: Path | None) -> str | None:
     return None if path is None else str(path)
+
+
+def _text(value):
+    """A text box's value as a setting: an empty (or blank) box is no value; anything else goes to the schema."""
+    return None if value is None or (isinstance(value, str) and not value.strip()) else value
 
 
 def launch(

@@ -46,6 +46,13 @@ REQUEST_SETTINGS = (
     "context_overlap",
     "context_schedule",
     "max_frames",
+    "prompt",
+    "negative_prompt",
+    "refine_size",
+    "refine_strength",
+    "frame_stride",
+    "noise_prior",
+    "keyframe_blend",
 )
 DRIVING_KINDS = ("auto", "densepose", "raw")
 DENSEPOSE_FPS = 25.0  # extracted motion is resampled to the checkpoints' rate (what `animate --driving` does)
@@ -74,6 +81,7 @@ class RunResult:
     grid: Path | None = None
     preview: Path | None = None
     warnings: list[str] = field(default_factory=list)
+    reference: Path | None = None  # the photo generated from the request's prompt
 
 
 @dataclass
@@ -106,7 +114,8 @@ def request_settings(defaults: Mapping, limits: Limits, **values) -> DictConfig:
     config = load_config(dict(defaults), **values)
     if config.size is None:
         raise SettingError("size", "setting size must be a number on this demo (the output's shorter side), got null")
-    for key, most in (("steps", limits.max_steps), ("size", limits.max_size), ("max_frames", limits.max_frames)):
+    limited = (("steps", limits.max_steps), ("size", limits.max_size), ("max_frames", limits.max_frames))
+    for key, most in (*limited, ("refine_size", limits.max_size)):
         if config[key] is not None and config[key] > most:
             raise SettingError(key, f"setting {key} must be at most {most} on this demo, got {config[key]}")
     return config
@@ -212,16 +221,22 @@ class Animator:
         progress: Progress | None = None,
         warn: Callable[[str], None] | None = None,
         cancel: threading.Event | None = None,
+        reference_end: Image.Image | np.ndarray | None = None,
     ) -> RunResult:
         """Animate ``reference`` with the uploaded ``driving`` video under ``config`` (from :func:`request_settings`;
-        ``max_frames`` there is the request's, the server's limit applies on top).
+        ``max_frames`` there is the request's, the server's limit applies on top). Without a ``reference``, the
+        config's ``prompt`` describes the person: the photo is generated first (``RunResult.reference``). With a
+        ``reference_end`` photo the clip ends at it (keyframes: about twice the work).
 
         ``warn`` is told at once about things the user should know but that do not stop the run (a clip cut to the
         frame limit); the same messages end up in ``RunResult.warnings``.
         """
         progress = progress or (lambda stage, done, total, unit: None)
-        if reference is None:
-            raise InputError("Upload a reference image of the person to animate.")
+        prompt = config.get("prompt")
+        if reference is None and prompt is None:
+            raise InputError("Upload a reference image of the person to animate, or describe one in the prompt box.")
+        if reference is not None and prompt is not None:
+            raise InputError("Give either a reference image or a prompt, not both: clear one of them.")
         if driving is None:
             raise InputError("Upload a driving video (DensePose, or a video of a person).")
         if driving_kind not in DRIVING_KINDS:
@@ -250,7 +265,12 @@ class Animator:
             raise InputError(RAW_VIDEO_MESSAGE)
         if isinstance(reference, np.ndarray):
             reference = Image.fromarray(reference)
-        reference = reference.convert("RGB")
+        if reference is not None:
+            reference = reference.convert("RGB")
+        keyframes = {}
+        if reference_end is not None:
+            end = Image.fromarray(reference_end) if isinstance(reference_end, np.ndarray) else reference_end
+            keyframes["reference_end"] = end.convert("RGB")
         frames, fps = clip.frames, clip.fps
 
         def on_step(step: int, total: int) -> None:
@@ -263,9 +283,10 @@ class Animator:
             if raw:  # the same path as `animate --driving` and batch jobs, with the extraction's progress shown
                 extractor = self._counting_extractor(size, wanted, clip, progress, check_cancel)
                 video = animate(reference, driving=Path(driving), densepose_model=extractor, pipeline=self.pipeline,
-                                config=settings, progress=on_step)  # fmt: skip
+                                config=settings, progress=on_step, **keyframes)  # fmt: skip
             else:
-                video = animate(reference, frames, pipeline=self.pipeline, config=settings, progress=on_step)
+                video = animate(reference, frames, pipeline=self.pipeline, config=settings, progress=on_step,
+                                **keyframes)  # fmt: skip
                 video.fps = fps  # the uploaded video's own rate (frames given as an array carry none)
         frames, fps = video.motion, video.fps
         video.audio = Path(driving) if has_audio(driving) else None
@@ -273,6 +294,10 @@ class Animator:
         progress("writing video", 0, files, "videos")
         run_dir = self.workdir / f"run-{uuid.uuid4().hex}"
         result = RunResult(animation=video.save(run_dir / "animation.mp4", crf=config["crf"]), warnings=result_warnings)
+        if video.reference is not None:
+            reference = video.reference
+            result.reference = run_dir / "reference.png"
+            reference.save(result.reference)
         progress("writing video", 1, files, "videos")
         height, width = video.frames.shape[1:3]
         if grid:

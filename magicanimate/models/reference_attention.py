@@ -54,22 +54,30 @@ class ReferenceReadProcessor(AttnProcessor2_0):
     call (its rows are ``batch * frames``, frame index fastest). With no reference set it is plain self-attention.
     The reference keys and values are projected once per reference (i.e. once per denoising step) and broadcast to
     every frame and window, instead of projecting a per-frame copy of the reference tokens as the original does.
+
+    With several references (keyframes: ``set_reference`` given ``(K, tokens, C)``), ``banks`` says per row which one
+    a conditional row attends to (a tuple of ints, one per row of the call); rows with the same bank in a run are one
+    attention call.
     """
 
     def __init__(self):
         super().__init__()
         self.conditional: tuple[bool, ...] | None = None
+        self.banks: tuple[int, ...] | None = None
         self.set_reference(None)
 
     def set_reference(self, reference: torch.Tensor | None) -> None:
         self.reference = reference
-        self._reference_kv = None
+        self._banks = list(reference.split(1)) if reference is not None else []  # (1, tokens, C) each
+        self._reference_kv = {}
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kw):
         plain = super().__call__
         conditional = self.conditional
         if self.reference is None or not conditional or not any(conditional):
             return plain(attn, hidden_states, attention_mask=attention_mask, temb=temb)
+        if self.banks is not None:
+            return self.attend_with_banks(attn, hidden_states, plain)
         if all(conditional):
             return self.attend_with_reference(attn, hidden_states)
         # Runs of batch items with the same flag, picked by Python bools: the split is fixed when torch.compile traces
@@ -84,12 +92,25 @@ class ReferenceReadProcessor(AttnProcessor2_0):
                 first = item
         return torch.cat(pieces)
 
-    def attend_with_reference(self, attn: Attention, hidden_states: torch.Tensor) -> torch.Tensor:
+    def attend_with_banks(self, attn: Attention, hidden_states: torch.Tensor, plain) -> torch.Tensor:
+        """Runs of rows with the same label (``None``: unconditional, else the bank index), each attended at once."""
+        per_item = hidden_states.shape[0] // len(self.conditional)
+        labels = [self.banks[row] if self.conditional[row // per_item] else None for row in range(len(self.banks))]
+        pieces, first = [], 0
+        for row in range(1, len(labels) + 1):
+            if row == len(labels) or labels[row] != labels[first]:
+                rows = hidden_states[first:row]
+                label = labels[first]
+                pieces.append(plain(attn, rows) if label is None else self.attend_with_reference(attn, rows, label))
+                first = row
+        return torch.cat(pieces)
+
+    def attend_with_reference(self, attn: Attention, hidden_states: torch.Tensor, bank: int = 0) -> torch.Tensor:
         """``softmax(q k^T) v`` with keys/values over ``[own tokens ; reference tokens]``, by ``attn``'s weights."""
-        if self._reference_kv is None:
-            reference = self.reference.to(hidden_states.dtype)
-            self._reference_kv = (attn.to_k(reference), attn.to_v(reference))
-        reference_key, reference_value = self._reference_kv
+        if bank not in self._reference_kv:
+            reference = self._banks[bank].to(hidden_states.dtype)
+            self._reference_kv[bank] = (attn.to_k(reference), attn.to_v(reference))
+        reference_key, reference_value = self._reference_kv[bank]
         rows = hidden_states.shape[0]
         query = attn.to_q(hidden_states)
         key = torch.cat([attn.to_k(hidden_states), reference_key.expand(rows, -1, -1)], dim=1)
@@ -125,20 +146,24 @@ class ReferenceAttentionControl:
             self.appearance_encoder.get_submodule(name).set_processor(self.writers[name])
             self.unet.get_submodule(name).set_processor(self.readers[name])
 
-    def load_reference(self) -> None:
-        """Hand the banks the appearance encoder just wrote to the video UNet (its last row: the conditional one)."""
+    def load_reference(self, count: int = 1) -> None:
+        """Hand the banks the appearance encoder just wrote to the video UNet: its last ``count`` rows (one per
+        reference; with one reference the last row, the conditional one of the original's batch of two)."""
         for name, reader in self.readers.items():
-            reader.set_reference(self.writers[name].bank[-1:])
+            reader.set_reference(self.writers[name].bank[-count:])
 
-    def set_conditional(self, conditional) -> None:
+    def set_conditional(self, conditional, banks=None) -> None:
         """``conditional``: a bool per batch item of the next UNet call (a tensor or a sequence); only those items
         attend to the reference. Kept as Python bools, read outside any compiled region: the processors then never
-        branch on tensor values, which would break a ``torch.compile`` graph (or sync a GPU) in every layer."""
+        branch on tensor values, which would break a ``torch.compile`` graph (or sync a GPU) in every layer.
+        ``banks``: with several references, the reference of every row of the call (``batch * frames`` ints)."""
         if isinstance(conditional, torch.Tensor):
             conditional = conditional.tolist()
         conditional = tuple(bool(c) for c in conditional)
+        banks = tuple(int(b) for b in banks) if banks is not None else None
         for reader in self.readers.values():
             reader.conditional = conditional
+            reader.banks = banks
 
     def clear(self) -> None:
         for writer in self.writers.values():
@@ -146,3 +171,4 @@ class ReferenceAttentionControl:
         for reader in self.readers.values():
             reader.set_reference(None)
             reader.conditional = None
+            reader.banks = None

@@ -24,7 +24,11 @@ def shallow_controlnet_residuals(
     equal to those of the full forward up to float rounding. Supports what MagicAnimate's DensePose ControlNet uses:
     no class or added embeddings, no guess mode, no pooled conditions."""
     config = controlnet.config
-    if controlnet.class_embedding is not None or config.addition_embed_type is not None or config.global_pool_conditions:
+    if (
+        controlnet.class_embedding is not None
+        or config.addition_embed_type is not None
+        or config.global_pool_conditions
+    ):
         raise ValueError("shallow ControlNet residuals support ControlNets without class or added embeddings")
     if config.controlnet_conditioning_channel_order == "bgr":
         controlnet_cond = torch.flip(controlnet_cond, dims=[1])
@@ -40,4 +44,5 @@ def shallow_controlnet_residuals(
         else:
             hidden, res_samples = block(hidden_states=hidden, temb=emb)
         residuals.extend(res_samples)
-    return [zero_conv(r) * conditioning_scale for r, zero_conv in zip(residuals, controlnet.controlnet_down_blocks)]
+    zero_convs = controlnet.controlnet_down_blocks[: len(residuals)]
+    return [zero_conv(r) * conditioning_scale for r, zero_conv in zip(residuals, zero_convs, strict=True)]

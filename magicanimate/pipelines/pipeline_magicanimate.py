@@ -7,6 +7,7 @@ per frame, classifier-free guidance is applied, and the scheduler takes a step.
 """
 
 import inspect
+import itertools
 import math
 import numbers
 from collections.abc import Callable
@@ -40,6 +41,7 @@ from ..models.video_unet import VideoUNet
 from .context_windows import WindowAccumulator, WindowWork, check_schedule, context_windows, fusion_weights
 from .control_residuals import ControlResiduals
 from .feature_cache import FeatureCache
+from .keyframes import KeyframePlan, check_keyframes, reversed_windows
 
 VAE_SCALING_FACTOR = 0.18215  # hard-coded by the original, equal to sd-vae-ft-mse's config
 OUTPUT_TYPES = ("np", "pt", "pil", "latent")
@@ -332,7 +334,9 @@ class MagicAnimatePipeline(DiffusionPipeline):
         sigma-space samplers, Euler, that is ``z + sigma * noise`` at ``s = 1``)."""
         alphas = self.scheduler.alphas_cumprod.to(device=noise.device, dtype=torch.float32)
         signal = float(strength) * float(alphas[int(timestep)].sqrt())
-        prior = signal * reference_latents.float()[:, :, None] + math.sqrt(1.0 - signal**2) * noise
+        if reference_latents.ndim == 4:  # one reference for every frame; keyframes give (1, 4, F, h, w)
+            reference_latents = reference_latents[:, :, None]
+        prior = signal * reference_latents.float() + math.sqrt(1.0 - signal**2) * noise
         return prior * self.scheduler.init_noise_sigma
 
     def encode_video(self, video, num_frames: int, chunk_size: int) -> torch.Tensor:
@@ -375,15 +379,17 @@ class MagicAnimatePipeline(DiffusionPipeline):
     # ------------------------------------------------------------------------------------------------ denoising
 
     def encode_appearance(self, reference_latents, t, text):
-        """Run the appearance encoder once for this step; its fused layers' inputs become the reference bank."""
+        """Run the appearance encoder once for this step; its fused layers' inputs become the reference bank.
+        ``reference_latents``: ``(K, 4, h, w)``, one row per reference (keyframes: one bank each, in one call)."""
         self.reference_control.clear()
         latents = reference_latents.to(self.appearance_encoder.dtype)
+        count = len(latents)
         # GroupNorm rejects one value per group, which a single row hits when the deepest level is 1x1 (tiny
         # sizes); a second identical row (as the original always runs) avoids it without changing the bank.
-        if max(latents.shape[-2:]) <= 2 ** (len(self.appearance_encoder.down_blocks) - 1):
+        if count == 1 and max(latents.shape[-2:]) <= 2 ** (len(self.appearance_encoder.down_blocks) - 1):
             latents = latents.repeat(2, 1, 1, 1)
         self.appearance_encoder(latents, t, encoder_hidden_states=text.expand(len(latents), -1, -1), return_dict=False)
-        self.reference_control.load_reference()
+        self.reference_control.load_reference(count)
 
     def encode_motion(
         self, latents, t, text, control, frames: slice, scale: float, depth: int | None = None
@@ -419,6 +425,7 @@ class MagicAnimatePipeline(DiffusionPipeline):
         share_down_path: bool | None = None,
         cache: FeatureCache | None = None,
         reuse: bool = False,
+        banks: list[int] | None = None,
     ) -> torch.Tensor:
         """One video-UNet call: the noise predicted for ``windows`` (lists of frame indices of ``latents``) at
         timestep ``t``, for each guidance branch in ``branches`` (``False``: unconditional, without the reference;
@@ -431,7 +438,8 @@ class MagicAnimatePipeline(DiffusionPipeline):
 
         With a ``cache`` (feature reuse across steps), a full call stores the windows' deep features in it and a
         ``reuse`` call runs only the outer blocks on the stored ones (``residuals``: those of the outer ControlNet
-        blocks only, as :meth:`encode_motion` gives them with ``depth``).
+        blocks only, as :meth:`encode_motion` gives them with ``depth``). ``banks``: with several references
+        loaded (keyframes), the reference of every frame of the clip, which conditional rows attend to.
         """
         index = torch.tensor(windows, device=latents.device)  # (windows, frames)
         sample = self.scheduler.scale_model_input(latents[0][:, index].transpose(0, 1), t).to(self.unet.dtype)
@@ -442,41 +450,26 @@ class MagicAnimatePipeline(DiffusionPipeline):
             mid_up_repeats = 1
             sample = sample.repeat(len(branches), 1, 1, 1, 1)  # (rows, C, F, h, w)
             residuals = [residual.repeat(len(branches), 1, 1, 1) for residual in residuals]
-        self.reference_control.set_conditional(torch.tensor(branches, device="cpu").repeat_interleave(len(windows)))
+        conditional = [branch for branch in branches for _ in windows]
+        if banks is not None:
+            # Rows are branch-major, then window, then frame, in the down path and in the mid and up blocks alike.
+            row_banks = [banks[frame] for window in windows for frame in window] * len(branches)
+            self.reference_control.set_conditional(conditional, banks=row_banks)
+        else:
+            self.reference_control.set_conditional(conditional)
         text = text.expand(sample.shape[0] * sample.shape[2], -1, -1)
-        if cache is None:
-            return self.unet(
-                sample,
-                t,
-                encoder_hidden_states=text,
-                down_block_additional_residuals=residuals[:-1],
-                mid_block_additional_residual=residuals[-1],
-                return_dict=False,
-                mid_up_repeats=mid_up_repeats,
-            )[0].float()
-        if reuse:
-            return self.unet(
-                sample,
-                t,
-                encoder_hidden_states=text,
-                down_block_additional_residuals=residuals,
-                return_dict=False,
-                mid_up_repeats=mid_up_repeats,
-                cache_depth=cache.depth,
-                deep_features=cache.take(windows, branches, sample.device),
-            )[0].float()
-        noise, deep = self.unet(
-            sample,
-            t,
-            encoder_hidden_states=text,
-            down_block_additional_residuals=residuals[:-1],
-            mid_block_additional_residual=residuals[-1],
-            return_dict=False,
-            mid_up_repeats=mid_up_repeats,
-            cache_depth=cache.depth,
+        extra = {"down_block_additional_residuals": residuals[:-1], "mid_block_additional_residual": residuals[-1]}
+        if cache is not None:
+            extra["cache_depth"] = cache.depth
+            if reuse:  # the outer blocks' residuals only, and the deep features kept from the last full step
+                extra = {"down_block_additional_residuals": residuals, "cache_depth": cache.depth}
+                extra["deep_features"] = cache.take(windows, branches, sample.device)
+        out = self.unet(
+            sample, t, encoder_hidden_states=text, return_dict=False, mid_up_repeats=mid_up_repeats, **extra
         )
-        cache.store(windows, branches, deep)
-        return noise.float()
+        if cache is not None and not reuse:
+            cache.store(windows, branches, out[1])
+        return out[0].float()
 
     def shares_down_path(self, branches: list[bool], branch_texts: list[torch.Tensor]) -> bool:
         """Whether the guidance branches of a UNet call see the same down blocks, so one down path serves them all.
@@ -505,6 +498,9 @@ class MagicAnimatePipeline(DiffusionPipeline):
         scale: float,
         step: int = 0,
         cache: FeatureCache | None = None,
+        keyframes: KeyframePlan | None = None,
+        reverse_work: WindowWork | None = None,
+        reverse_cache: FeatureCache | None = None,
     ):
         """Guided noise prediction for the whole clip at timestep ``t``.
 
@@ -512,22 +508,39 @@ class MagicAnimatePipeline(DiffusionPipeline):
         the ControlNet residuals of their frames; the window predictions are fused per frame and guided. In a
         process group one ``all_reduce`` first sums every rank's part. With a feature ``cache``, step ``step`` of the
         run either refreshes it (a full step) or reuses it (only the outer blocks of the UNet and the ControlNet run).
+
+        With ``keyframes`` (see :mod:`.keyframes`) a second, time-reversed pass runs over ``reverse_work``'s windows,
+        each pass attending per frame to its keyframe's reference bank, and the two guided estimates are blended per
+        frame. The passes take their window batches in turn, both sweeping the clip from its start, so the ControlNet
+        residuals (computed once for both) are freed as the sweep moves on.
         """
+        passes = [(work, cache, keyframes.forward_banks if keyframes is not None else None)]
+        if keyframes is not None:
+            passes.append((reverse_work, reverse_cache, keyframes.reverse_banks))
         reuse = cache is not None and cache.reuses(step, work.branches)
-        if cache is not None and not reuse:
-            cache.start_full_step(work.branches)
+        for _, pass_cache, _ in passes:
+            if pass_cache is not None and not reuse:
+                pass_cache.start_full_step(work.branches)
         depth = cache.depth if reuse else None
         encode = partial(self.encode_motion, latents, t, text, control, scale=scale, depth=depth)
-        residuals = ControlResiduals(encode, work.window_frames, work.share.windows)
-        fused = WindowAccumulator(work.windows, work.weights, work.branches, latents)
-        branches = work.share.branches
-        for windows in work.batches():
-            residual = residuals.take(windows)
-            noise = self.denoise_windows(latents, t, text, windows, residual, branches, cache=cache, reuse=reuse)
-            fused.add(noise, windows, branches)
+        mine = [window for pass_work, _, _ in passes for window in pass_work.share.windows]
+        residuals = ControlResiduals(encode, work.window_frames, mine)
+        accumulators = [WindowAccumulator(w.windows, w.weights, w.branches, latents) for w, _, _ in passes]
+        for batches in itertools.zip_longest(*(pass_work.batches() for pass_work, _, _ in passes)):
+            for (pass_work, pass_cache, banks), fused, windows in zip(passes, accumulators, batches, strict=True):
+                if windows is None:
+                    continue
+                branches = pass_work.share.branches
+                noise = self.denoise_windows(
+                    latents, t, text, windows, residuals.take(windows), branches,
+                    cache=pass_cache, reuse=reuse, banks=banks,
+                )  # fmt: skip
+                fused.add(noise, windows, branches)
         if work.share.split:
-            all_reduce_sum(fused.sums)
-        return fused.guided_noise(guidance_scale)
+            for fused in accumulators:
+                all_reduce_sum(fused.sums)
+        estimates = [fused.guided_noise(guidance_scale) for fused in accumulators]
+        return estimates[0] if keyframes is None else keyframes.fuse(*estimates)
 
     def decode_latents(self, latents: torch.Tensor, decode_chunk_size: int, distributed: bool = False):
         """``(F, H, W, 3)`` float32 frames in [0, 1] on the CPU, decoded in chunks of ``decode_chunk_size`` frames
@@ -602,6 +615,9 @@ class MagicAnimatePipeline(DiffusionPipeline):
         strength: float = 1.0,
         cache_interval: int = 1,
         cache_device: str | torch.device | None = None,
+        reference_end=None,
+        keyframes=None,
+        keyframe_blend: str = "linear",
     ) -> MagicAnimatePipelineOutput | tuple:
         """Animate ``reference_image`` (PIL image, HxWx3 uint8 array or path) following ``motion`` (DensePose frames:
         FxHxWx3 uint8 array, list of images, or a video path).
@@ -646,6 +662,11 @@ class MagicAnimatePipeline(DiffusionPipeline):
                 ControlNet's outermost blocks) on the deep features kept per window and branch. 1: off. The kept
                 features cost memory in proportion to the windows (at 512x512 in float16 about 84 MB per window and
                 branch); ``cache_device="cpu"`` keeps them on the CPU instead (``low_vram`` does).
+            reference_end, keyframes, keyframe_blend: keyframes (see :mod:`.keyframes`): ``reference_end`` is the
+                photo the clip ends at (its last frame); ``keyframes`` a list of ``(frame, photo)`` pairs (frames of
+                the motion, from 0), with ``reference_image`` (if given) the keyframe at frame 0. Every step blends a
+                forward estimate and a time-reversed one, each attending to its keyframe (about twice the UNet work
+                of a step); ``keyframe_blend`` (``"linear"`` or ``"smooth"``) shapes the blend between keyframes.
         """
         # 1. Check the inputs before any model runs. The motion frames define the clip length and (by default) the
         # size; the clip is padded to whole windows by repeating its last frame.
@@ -679,7 +700,21 @@ class MagicAnimatePipeline(DiffusionPipeline):
         work = WindowWork.plan(windows, weights, guidance_scale, context_batch_size, distributed, cfg_parallel)
         # The steps outside the guidance interval: the conditional branch alone (guidance scale 1).
         conditional_work = WindowWork.plan(windows, weights, 1.0, context_batch_size, distributed, cfg_parallel)
-        reference = np.asarray(load_image(reference_image).resize((width, height), PIL.Image.BICUBIC))
+        pairs = [] if reference_image is None else [(0, reference_image)]
+        pairs += list(keyframes or [])
+        if reference_end is not None:
+            pairs.append((num_frames - 1, reference_end))
+        if not pairs:
+            raise InputError("no reference image: pass reference_image (or keyframes)")
+        pairs = check_keyframes(pairs, num_frames)
+        keyframe_plan = reverse_work = reverse_conditional_work = None
+        if len(pairs) > 1:  # a second, time-reversed pass whose windows sweep the clip from its start too
+            keyframe_plan = KeyframePlan.plan([frame for frame, _ in pairs], padded_frames, keyframe_blend)
+            backwards = reversed_windows(windows, padded_frames)[::-1]
+            plan = partial(WindowWork.plan, backwards, weights, batch_size=context_batch_size, distributed=distributed)
+            reverse_work = plan(guidance_scale=guidance_scale, cfg_parallel=cfg_parallel)
+            reverse_conditional_work = plan(guidance_scale=1.0, cfg_parallel=cfg_parallel)
+        references = [np.asarray(load_image(image).resize((width, height), PIL.Image.BICUBIC)) for _, image in pairs]
         frames = self.resize_frames(frames, height, width)
         frames = np.concatenate([frames, np.repeat(frames[-1:], padded_frames - num_frames, axis=0)])
         control = torch.from_numpy(frames)  # stays uint8 on the CPU; each ControlNet chunk moves what it needs
@@ -692,7 +727,7 @@ class MagicAnimatePipeline(DiffusionPipeline):
         try:
             # 2. Conditioning that does not change over the steps.
             text = self.encode_prompt(prompt)
-            reference_latents = self.encode_reference(reference)
+            reference_latents = torch.cat([self.encode_reference(reference) for reference in references])
 
             # 3. Timesteps and the start: noise (moved towards the reference latent by the noise prior), or for a
             # refine pass the given video's latents noised part-way (SDEdit).
@@ -704,12 +739,14 @@ class MagicAnimatePipeline(DiffusionPipeline):
                 if len(timesteps):
                     latents = self.scheduler.add_noise(latents, noise, timesteps[:1])
             elif noise_prior > 0:
-                latents = self.apply_noise_prior(noise, reference_latents, timesteps[0], noise_prior)
+                prior = reference_latents if keyframe_plan is None else keyframe_plan.per_frame(reference_latents)
+                latents = self.apply_noise_prior(noise, prior, timesteps[0], noise_prior)
             else:
                 latents = noise * self.scheduler.init_noise_sigma
             del noise
             step_kwargs = self.prepare_step_kwargs(generator, eta)
             cache = FeatureCache(cache_interval, device=cache_device) if cache_interval > 1 else None
+            reverse_cache = FeatureCache(cache_interval, device=cache_device) if cache_interval > 1 else None
 
             # 4. Denoising loop.
             with self.progress_bar(total=len(timesteps)) as progress_bar:
@@ -728,6 +765,9 @@ class MagicAnimatePipeline(DiffusionPipeline):
                         controlnet_conditioning_scale,
                         step=i,
                         cache=cache,
+                        keyframes=keyframe_plan,
+                        reverse_work=reverse_work if guided else reverse_conditional_work,
+                        reverse_cache=reverse_cache,
                     )
                     latents = self.scheduler.step(noise, t, latents, **step_kwargs, return_dict=False)[0]
                     if not bool(torch.isfinite(latents).all()):
@@ -739,7 +779,7 @@ class MagicAnimatePipeline(DiffusionPipeline):
                         latents = (callback_on_step_end(self, i, t, {"latents": latents}) or {}).get("latents", latents)
                     progress_bar.update()
             self.reference_control.clear()  # the reference bank is not needed for the decode
-            cache = None  # nor the cached features
+            cache = reverse_cache = None  # nor the cached features
 
             # 5. Crop the padding off and decode (in a process group, each rank its share of the chunks).
             latents = latents[:, :, :num_frames]
