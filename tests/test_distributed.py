@@ -160,3 +160,19 @@ def test_torchrun_cli_writes_the_single_process_video(tiny_tree, tmp_path):
     # PNG frames (lossless): H.264 files of identical frames are not byte-identical across processes (libx264).
     assert len(list((tmp_path / "split").glob("*.png"))) == 42
     np.testing.assert_array_equal(decoded(tmp_path / "plain"), decoded(tmp_path / "split"))
+
+
+def test_two_ranks_match_one_process_with_keyframes(tiny_tree, tmp_path, tiny_pipe):
+    """Keyframes (a forward and a time-reversed pass per step) split across ranks like the plain mode: each pass's
+    windows are shared out and summed, the ControlNet chunks are computed once per rank for both passes."""
+    end = make_reference(64, seed=9)
+    assert _run_two_ranks(tiny_tree, tmp_path, {"reference_end": end}) == [0, 0]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        single = _animate(tiny_pipe, reference_end=end)
+    finally:
+        torch.set_num_threads(threads)
+    rank0, rank1 = np.load(tmp_path / "rank0.npy"), np.load(tmp_path / "rank1.npy")
+    np.testing.assert_array_equal(rank0, rank1)
+    np.testing.assert_array_equal(rank0, single)  # as in parity mode: at most two windows per frame and pass

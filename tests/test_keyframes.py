@@ -264,3 +264,13 @@ def test_demo_end_photo(tiny_pipe, files, photos):
             request_settings(config, limits, keyframe_blend="cubic")
     finally:
         animator.close()
+
+
+def test_keyframes_with_the_refine_pass(tiny_pipe, files):
+    """The refine pass re-noises the first pass's result and denoises it with the same keyframes."""
+    from magicanimate import animate
+
+    common = dict(pipeline=tiny_pipe, steps=2, size=TINY_SIZE, context_frames=12, refine_size=96, refine_strength=0.5)
+    plain = animate(files / "start.png", files / "motion.mp4", **common).frames
+    ended = animate(files / "start.png", files / "motion.mp4", reference_end=files / "end.png", **common).frames
+    assert ended.shape == plain.shape == (12, 96, 96, 3) and not np.array_equal(ended, plain)

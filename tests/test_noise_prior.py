@@ -99,3 +99,27 @@ def test_the_setting_reaches_the_pipeline(tiny_tree, tiny_pipe, reference_image,
     plain = animate(reference_image, motion16, **common).frames
     prior = animate(reference_image, motion16, noise_prior=0.8, **common).frames
     assert prior.shape == plain.shape and not np.array_equal(prior, plain)
+
+
+def test_the_cli_flag_and_a_batch_key(tiny_tree, tmp_path):
+    """``--noise-prior`` from the command line and ``noise_prior:`` in a manifest go through the settings schema."""
+    from PIL import Image
+    from test_cli import run_cli
+    from tiny_models import make_motion, make_reference
+
+    from magicanimate.batch import job_configs, read_manifest
+    from magicanimate.io import write_video
+
+    Image.fromarray(make_reference(64)).save(tmp_path / "ref.png")
+    write_video(tmp_path / "motion.mp4", make_motion(8, 64), fps=25)
+    result = run_cli("animate", "--reference", tmp_path / "ref.png", "--motion", tmp_path / "motion.mp4", "-o",
+                     tmp_path / "out.mp4", "--pretrained", tiny_tree, "--steps", 1, "--size", 64,
+                     "--context-frames", 8, "--noise-prior", 0.5)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    bad = run_cli("animate", "--reference", tmp_path / "ref.png", "--motion", tmp_path / "motion.mp4", "-o",
+                  tmp_path / "bad.mp4", "--noise-prior", 2)  # fmt: skip
+    assert bad.returncode == 2 and "--noise-prior" in bad.stderr and "Traceback" not in bad.stderr
+    manifest = tmp_path / "jobs.yaml"
+    manifest.write_text("jobs:\n  - {reference: ref.png, driving: motion.mp4, output: o.mp4, noise_prior: 0.25}\n")
+    _, configs = job_configs(read_manifest(manifest))
+    assert [config.noise_prior for config in configs.values()] == [0.25]

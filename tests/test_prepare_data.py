@@ -120,3 +120,100 @@ def test_bad_options_are_one_line_errors(videos, model, tmp_path, capsys):
         assert main(argv.split()) == 2
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+# ------------------------------------------------------------------------------------------------ cached latents
+
+# latents.safetensors stores float16, rounded to nearest: at most 2**-11 of the value off (measured on the tiny VAE:
+# up to 4.8e-4 relative for mean and std alike). The absolute part covers float32 rounding between this test's
+# one-call encode and prepare-data's 4-frame chunks (measured: bit-identical on this CPU) and float16's subnormals.
+LATENT_RTOL = 2**-11
+LATENT_ATOL = 1e-6
+CLIP_NAMES = ["still-png-000", "walk-mp4-000", "walk-mp4-001"]
+
+
+def test_cache_latents_are_a_vae_encode_of_the_written_frames(videos, model, tiny_tree, tmp_path, capsys):
+    """Each clip's latents are the tiny VAE's latent distribution of its frames.mp4 as decoded (what training reads
+    without the cache), mean and std, every frame; meta.json names the VAE."""
+    import safetensors.numpy
+    import torch
+    from diffusers import AutoencoderKL
+
+    data = tmp_path / "data"
+    argv = f"prepare-data {videos} -o {data} --model {model} --device cpu --size 64 --min-frames 8 --no-progress"
+    assert main([*argv.split(), "--cache-latents", "--pretrained", str(tiny_tree)]) == 0
+    assert "3 clips written" in capsys.readouterr().out
+    vae = AutoencoderKL.from_pretrained(tiny_tree / "sd-vae-ft-mse").eval()
+    for name in CLIP_NAMES:
+        folder = data / "clips" / name
+        meta = json.loads((folder / "meta.json").read_text())
+        assert meta["latents"]["vae"] == str((tiny_tree / "sd-vae-ft-mse").resolve())
+        assert meta["latents"]["dtype"] == "float16" and meta["latents"]["file"] == "latents.safetensors"
+        if meta["kind"] == "video":
+            frames = read_video(folder / "frames.mp4")[0]
+        else:
+            frames = np.asarray(Image.open(folder / "image.png"))[None]
+        with torch.no_grad():
+            pixels = torch.from_numpy(frames.copy()).permute(0, 3, 1, 2).float() / 127.5 - 1
+            dist = vae.encode(pixels).latent_dist
+        cached = safetensors.numpy.load_file(folder / "latents.safetensors")
+        for key in ("mean", "std"):
+            assert cached[key].dtype == np.float16 and cached[key].shape == (meta["frames"], 4, 8, 8)
+            expected = getattr(dist, key).numpy()
+            np.testing.assert_allclose(cached[key].astype(np.float32), expected, rtol=LATENT_RTOL, atol=LATENT_ATOL)
+        assert np.abs(cached["mean"]).max() > 0.1  # not a blank encode
+
+
+def test_a_rerun_with_cache_latents_adds_them_to_earlier_clips_only(videos, model, tiny_tree, tmp_path):
+    """Clips prepared without latents get them on a rerun with --cache-latents (their videos untouched); a further
+    rerun skips everything; a clip that lost its latents gets only those again; a clip whose latents cannot be
+    made is reported, and leaves no latents file, whole or partial."""
+    data, clips = tmp_path / "data", tmp_path / "data" / "clips"
+    options = dict(model=str(model), device="cpu", size=64, min_frames=8, progress=False)
+    cached = dict(options, cache_latents=True, pretrained=str(tiny_tree))
+    assert len(prepare_data(videos, data, **options).written) == 3
+    assert not list(clips.rglob("latents.safetensors"))
+
+    def stamps():
+        return {p: p.stat().st_mtime_ns for p in clips.rglob("*") if p.is_file()}
+
+    videos_before = {p: t for p, t in stamps().items() if p.name != "meta.json"}
+    second = prepare_data(videos, data, **cached)
+    assert second.written == [] and second.finished == [] and sorted(second.latents_added) == CLIP_NAMES
+    assert "3 earlier clips given cached latents" in second.summary()
+    assert all(stamps()[p] == t for p, t in videos_before.items())
+    for name in CLIP_NAMES:
+        assert (clips / name / "latents.safetensors").is_file()
+        assert "vae_fingerprint" in json.loads((clips / name / "meta.json").read_text())["latents"]
+
+    before = stamps()
+    third = prepare_data(videos, data, **cached)
+    assert third.latents_added == [] and sorted(third.finished) == CLIP_NAMES and stamps() == before
+
+    (clips / "walk-mp4-001" / "latents.safetensors").unlink()  # as after a crash between latents and meta.json
+    fourth = prepare_data(videos, data, **cached)
+    assert fourth.latents_added == ["walk-mp4-001"] and sorted(fourth.finished) == CLIP_NAMES[:2]
+
+    (clips / "walk-mp4-001" / "latents.safetensors").unlink()
+    meta = json.loads((clips / "walk-mp4-001" / "meta.json").read_text())
+    (clips / "walk-mp4-001" / "meta.json").write_text(json.dumps({**meta, "frames": meta["frames"] + 1}))
+    fifth = prepare_data(videos, data, **cached)
+    assert "17 frames encoded, but the clip has 18" in fifth.failed["walk.mp4"]
+    assert sorted(p.name for p in (clips / "walk-mp4-001").iterdir()) == ["densepose.mp4", "frames.mp4", "meta.json"]
+
+
+def test_cache_latents_refusals_are_one_line(videos, model, tiny_tree, tmp_path, capsys):
+    base = f"prepare-data {videos} -o {tmp_path / 'd'} --model {model} --device cpu"
+    (tmp_path / "no-vae").mkdir()
+    cases = [
+        (f"{base} --cache-latents", 2, "--cache-latents needs --pretrained TREE"),
+        (f"{base} --pretrained {tiny_tree}", 2, "--pretrained is only read with --cache-latents"),
+        (f"{base} --cache-latents --pretrained {tmp_path / 'absent'}", 2, "pretrained tree not found"),
+        (f"{base} --cache-latents --pretrained {tmp_path / 'no-vae'}", 3, "no VAE in"),
+        (f"{base} --cache-latents --pretrained {tiny_tree} --size 100", 2, "--size a multiple of 8"),
+    ]
+    for argv, code, message in cases:
+        assert main(argv.split()) == code
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "d" / "manifest.jsonl").exists()
