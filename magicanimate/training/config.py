@@ -55,6 +55,9 @@ TRAIN_SETTINGS: tuple[Setting, ...] = (
       "data", low=0.1, high=1),
     S("flip_probability", float, 0.5, "horizontal flips (image and DensePose together; left/right part labels "
       "swap)", "data", low=0, high=1),
+    S("cached_latents", bool, False, "use the VAE latents prepare-data --cache-latents wrote instead of running the "
+      "VAE encoder per sample; they are of the whole frame: needs crop_scale 1, flip_probability 0 and the clips' "
+      "size as resolution", "data"),
     S("dataloader_workers", int, 2, "processes decoding samples (0: in the training process)", "data", low=0,
       high=64),
     # Loss and model.
@@ -170,6 +173,7 @@ def load_train_config(path: str | Path | Mapping | None = None, **overrides) -> 
         raise SettingError(
             "resolution", f"setting resolution must be a multiple of 8 (the VAE's factor), got {checked['resolution']}"
         )
+    check_cached_latents(checked)
     if checked["learning_rate"] is None and checked["stage"] is not None:
         checked["learning_rate"] = DEFAULT_LEARNING_RATE[checked["stage"]]
     check_fits_release(checked)
@@ -186,6 +190,23 @@ def check_fits_release(config: Mapping) -> None:
                 key,
                 f"setting {key} {config[key]!r} does not fit the release weights, which were trained with {key} "
                 f"{value!r}; training continues from them, so keep {value!r}",
+            )
+
+
+def check_cached_latents(config: Mapping) -> None:
+    """Refuse, in one line, augmentations that cached latents cannot follow: they are the VAE latents of the whole,
+    unflipped frame (the clips' size is checked against the data, see :class:`~.dataset.TrainingData`)."""
+    if not config["cached_latents"]:
+        return
+    for name, needed, wrong in (
+        ("crop_scale", 1, config["crop_scale"] < 1),
+        ("flip_probability", 0, config["flip_probability"] > 0),
+    ):
+        if wrong:
+            raise SettingError(
+                name,
+                f"setting cached_latents needs {name} {needed} (cached latents are of the whole, unflipped frame), "
+                f"got {name} {config[name]}; pass --crop-scale 1 --flip-probability 0, or --no-cached-latents",
             )
 
 

@@ -9,6 +9,10 @@ Stage 1 draws (reference frame, target frame) pairs of one clip, at least ``min_
 lora draw ``clip_frames``-frame clips (every ``clip_stride``-th frame) with a reference frame from the same clip, and
 with probability ``image_probability`` a single frame instead (image-video joint training). Still images of the
 manifest are always single frames, their own reference.
+
+With ``cached_latents`` a sample carries the cached latent distribution (mean and std, :mod:`.latents`) of its target
+frames and the mean of its reference instead of their pixels, so neither ``frames.mp4`` is decoded nor the VAE
+encoder runs; its random draws are the same as without, so it is the same sample up to the cache's float16 rounding.
 """
 
 import warnings
@@ -19,6 +23,7 @@ import numpy as np
 
 from ..densepose.palette import nearest_labels
 from ..errors import InputError
+from ..settings import SettingError
 from .augment import CropFlip, region_mask, render_control
 from .manifest import ManifestEntry, read_manifest
 
@@ -30,16 +35,21 @@ class TrainingSample:
     ``reference`` ``(H, W, 3)`` uint8; ``frames`` (targets) and ``control`` (their DensePose rendering) ``(F, H, W,
     3)`` uint8; ``weights`` ``(F, H, W)`` float32 loss weights or ``None``; ``timestep`` and ``noise_seed`` fix the
     diffusion noise; ``drop_reference`` trains the unconditional branch; ``number`` is the sample's place in the run.
+    With cached latents, ``reference`` and ``frames`` are ``None`` and ``latent_mean``/``latent_std`` ``(F, 4, h, w)``
+    (the targets' latent distribution) and ``reference_mean`` ``(4, h, w)`` float16 stand for them.
     """
 
-    reference: np.ndarray
-    frames: np.ndarray
+    reference: np.ndarray | None
+    frames: np.ndarray | None
     control: np.ndarray
     weights: np.ndarray | None
     timestep: int
     noise_seed: int
     drop_reference: bool
     number: int
+    latent_mean: np.ndarray | None = None
+    latent_std: np.ndarray | None = None
+    reference_mean: np.ndarray | None = None
 
 
 def keep_sample(sample):
@@ -119,6 +129,38 @@ class TrainingData:
         if not entries:
             raise InputError(f"{self.root} has no {split} clips usable for stage {config.stage}")
         self.entries: list[ManifestEntry] = entries
+        self.cached = bool(config.get("cached_latents", False))
+        self.vae_fingerprints = self.check_latents() if self.cached else {}
+
+    def check_latents(self) -> dict[str, str]:
+        """With ``cached_latents``: every entry has latents of its frames at the training resolution. Returns the
+        fingerprint of the VAE that made each clip's latents (the trainer compares them with its own VAE's).
+
+        Raises:
+            SettingError: the resolution is not the clips' size, or a clip has no (complete) cached latents.
+        """
+        from .latents import LATENTS_FILE, latents_info
+
+        fingerprints = {}
+        for entry in self.entries:
+            if entry.size != self.config.resolution:
+                raise SettingError(
+                    "resolution",
+                    f"setting cached_latents needs resolution {entry.size} (the size of clip {entry.name}, whose "
+                    f"latents are of the whole frame), got {self.config.resolution}; pass --resolution {entry.size}, "
+                    "or --no-cached-latents",
+                )
+            path = self.root / entry.path / LATENTS_FILE
+            info = latents_info(path)
+            if info is None or info["shape"][0] != entry.frames or info.get("size") != str(entry.size):
+                state = "has no cached latents" if info is None else "has cached latents of other frames"
+                raise SettingError(
+                    "cached_latents",
+                    f"clip {entry.name} {state} ({path}); rerun prepare-data with --cache-latents --pretrained TREE "
+                    f"on {self.root}, or use --no-cached-latents",
+                )
+            fingerprints[entry.name] = info.get("vae_fingerprint", "")
+        return fingerprints
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -152,17 +194,20 @@ class TrainingData:
         noise_seed = int(rng.integers(2**62))
         drop = bool(rng.random() < config.reference_drop) and not evaluation
         images_path, densepose_path = entry.files(self.root)
-        images = read_frames(images_path, sorted({*targets, reference}))
-        height, width = images[reference].shape[:2]
+        if self.cached:  # the whole frame at the clip's size (checked at start), no pixels needed
+            images, height, width = None, entry.size, entry.size
+        else:
+            images = read_frames(images_path, sorted({*targets, reference}))
+            height, width = images[reference].shape[:2]
         crop = CropFlip.draw(rng, height, width, config.resolution, config.crop_scale, config.flip_probability)
         dense = read_frames(densepose_path, targets)
         labels = crop.labels(np.stack([nearest_labels(dense[t])[0] for t in targets]))
         weights = None
         if config.face_hand_weight != 1:
             weights = np.where(region_mask(labels), np.float32(config.face_hand_weight), np.float32(1))
-        return TrainingSample(
-            reference=crop.images(images[reference]),
-            frames=crop.images(np.stack([images[t] for t in targets])),
+        sample = TrainingSample(
+            reference=None,
+            frames=None,
             control=render_control(labels),
             weights=weights,
             timestep=timestep,
@@ -170,3 +215,13 @@ class TrainingData:
             drop_reference=drop,
             number=number,
         )
+        if self.cached:
+            from .latents import LATENTS_FILE, read_latents
+
+            latents = images_path.parent / LATENTS_FILE
+            sample.latent_mean, sample.latent_std = read_latents(latents, targets)
+            sample.reference_mean = read_latents(latents, [reference])[0][0]
+        else:
+            sample.reference = crop.images(images[reference])
+            sample.frames = crop.images(np.stack([images[t] for t in targets]))
+        return sample

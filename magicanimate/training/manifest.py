@@ -9,6 +9,7 @@
       clips/NAME/meta.json            fps, frame count, person boxes, coverage, face and hand areas, source
       clips/NAME/image.png            a still image instead of the two videos (kind "image") ...
       clips/NAME/densepose.png        ... with its DensePose
+      clips/NAME/latents.safetensors  optional (prepare-data --cache-latents): the frames' VAE latents, see .latents
 
 ``magicanimate prepare-data`` writes it; anything else that writes the same layout works as well (the manifest's
 paths are relative to ``DATA/``).

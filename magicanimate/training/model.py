@@ -102,13 +102,35 @@ class TrainingModel(nn.Module):
         latents = [vae.encode(chunk).latent_dist.sample(generator) for chunk in pixels.split(VAE_CHUNK)]
         return (torch.cat(latents).float() * VAE_SCALING_FACTOR).transpose(0, 1)[None]
 
+    def sample_cached(self, mean, std, generator: torch.Generator) -> torch.Tensor:
+        """What :meth:`encode_frames` returns, from the cached latent distribution (``mean``, ``std`` ``(F, 4, h,
+        w)``) instead of the VAE encoder: the same draws as diffusers' ``DiagonalGaussianDistribution.sample``
+        (``randn_tensor`` of each :data:`VAE_CHUNK`-frame chunk's shape, in the VAE's dtype, on its device, from
+        ``generator``, chunk after chunk), then ``mean + std * draw``; so the generator is left where
+        :meth:`encode_frames` leaves it and the diffusion noise drawn next is the same too."""
+        from diffusers.utils.torch_utils import randn_tensor
+
+        vae, device = self.pipe.vae, self.text.device
+        mean = torch.from_numpy(mean).to(device, vae.dtype)
+        std = torch.from_numpy(std).to(device, vae.dtype)
+        latents = [
+            m + s * randn_tensor(m.shape, generator=generator, device=device, dtype=vae.dtype)
+            for m, s in zip(mean.split(VAE_CHUNK), std.split(VAE_CHUNK), strict=True)
+        ]
+        return (torch.cat(latents).float() * VAE_SCALING_FACTOR).transpose(0, 1)[None]
+
     def forward(self, sample) -> torch.Tensor:
         pipe, device = self.pipe, self.text.device
         text = self.text
         generator = torch.Generator().manual_seed(sample.noise_seed)
         with torch.no_grad():
-            reference = pipe.encode_reference(sample.reference)
-            latents = self.encode_frames(sample.frames, generator)
+            if sample.latent_mean is not None:  # cached latents (as pipe.encode_reference scales the mean)
+                reference_mean = torch.from_numpy(sample.reference_mean[None]).to(device, pipe.vae.dtype)
+                reference = reference_mean * VAE_SCALING_FACTOR
+                latents = self.sample_cached(sample.latent_mean, sample.latent_std, generator)
+            else:
+                reference = pipe.encode_reference(sample.reference)
+                latents = self.encode_frames(sample.frames, generator)
         noise = torch.randn(latents.shape, generator=generator).to(device)
         timestep = torch.tensor([sample.timestep], device=device)
         noisy = self.noise_scheduler.add_noise(latents, noise, timestep)

@@ -6,9 +6,14 @@ square window as ``magicanimate densepose`` (:func:`~magicanimate.densepose.fram
 fps and write the photo frames and the DensePose frames through that window: exactly the motion format ``animate``
 is driven by, and the matching real frames. Still images (``.png``, ``.jpg``, ``.webp``) become one-frame entries.
 
+With ``--cache-latents --pretrained TREE`` each clip also gets ``latents.safetensors``: the VAE latent
+distribution of every frame (:mod:`.latents`), for training with ``cached_latents`` (no VAE encoder per sample).
+
 Every clip folder is written whole or not at all, so a rerun after a crash skips the finished clips and redoes the
-rest. A video that cannot be read (or has no person) is reported and skipped; the others go on. The manifest is
-rebuilt at the end from every finished clip, with a held-out validation split that stays put across reruns.
+rest (with ``--cache-latents``, a clip is finished when it has latents of that VAE too: a clip prepared earlier
+without them, or with another VAE's, gets them added, its other files untouched). A video that cannot be read (or
+has no person) is reported and skipped; the others go on. The manifest is rebuilt at the end from every finished
+clip, with a held-out validation split that stays put across reruns.
 """
 
 import argparse
@@ -63,7 +68,7 @@ def add_parser(commands) -> argparse.ArgumentParser:
     )
     parser.add_argument("--detectron2-config", default=None, help="use detectron2 + DensePose with this config")
     parser.add_argument("--channel-order", choices=("BGR", "RGB"), default="BGR", help="fed to the TorchScript model")
-    parser.add_argument("--device", default="auto", help="DensePose device: auto, cpu, cuda, cuda:1")
+    parser.add_argument("--device", default="auto", help="DensePose (and VAE) device: auto, cpu, cuda, cuda:1")
     parser.add_argument("--person", choices=("largest", "score"), default="largest", help="which tracked person")
     for name, option in OPTIONS.items():
         parser.add_argument(
@@ -73,6 +78,18 @@ def add_parser(commands) -> argparse.ArgumentParser:
             default=option.default,
             help=f"{option.help} (default: {option.default})",
         )
+    parser.add_argument(
+        "--cache-latents",
+        action="store_true",
+        help="also write each clip's VAE latents (latents.safetensors, float16 mean and std of every frame) for "
+        "`train --cached-latents`; needs --pretrained. On a rerun, clips without them get them added",
+    )
+    parser.add_argument(
+        "--pretrained",
+        default=None,
+        help="with --cache-latents: the tree whose VAE encodes the frames (the release tree, a converted folder, or "
+        "a VAE folder such as sd-vae-ft-mse/); the one you train from",
+    )
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     parser.set_defaults(run=_run_and_report)
@@ -106,6 +123,8 @@ def _run_and_report(args) -> int:
         channel_order=args.channel_order,
         device=args.device,
         person=args.person,
+        cache_latents=args.cache_latents,
+        pretrained=args.pretrained,
         progress=args.progress,
         debug=args.debug,
         **{name: getattr(args, name) for name in OPTIONS},
@@ -116,11 +135,13 @@ def _run_and_report(args) -> int:
 
 @dataclass
 class PrepareReport:
-    """What a run did: clips written and skipped (finished earlier), scenes left out, and the failed inputs."""
+    """What a run did: clips written and skipped (finished earlier), earlier clips given latents, scenes left out,
+    and the failed inputs."""
 
     manifest: Path
     written: list[str] = field(default_factory=list)
     finished: list[str] = field(default_factory=list)
+    latents_added: list[str] = field(default_factory=list)
     left_out: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
     train: int = 0
@@ -129,7 +150,8 @@ class PrepareReport:
     def summary(self) -> str:
         text = (
             f"prepare-data: {len(self.written)} clips written, {len(self.finished)} already finished, "
-            f"{len(self.left_out)} scenes left out; manifest {self.manifest} ({self.train} train, {self.val} val)"
+            + (f"{len(self.latents_added)} earlier clips given cached latents, " if self.latents_added else "")
+            + f"{len(self.left_out)} scenes left out; manifest {self.manifest} ({self.train} train, {self.val} val)"
         )
         if self.failed:
             text += f"; warning: {len(self.failed)} inputs failed and were skipped: {', '.join(sorted(self.failed))}"
@@ -163,15 +185,19 @@ def prepare_data(
     smooth: int = 3,
     val_clips: int = 1,
     crf: int = 18,
+    cache_latents: bool = False,
+    pretrained=None,
     progress: bool = True,
     debug: bool = False,
 ) -> PrepareReport:
     """Prepare every video and image in ``videos`` into ``output`` (see the module docstring); ``model`` is a
-    DensePose file or an extractor object (tests pass a stand-in).
+    DensePose file or an extractor object (tests pass a stand-in). ``cache_latents``: also write each clip's VAE
+    latents, with the VAE of the tree ``pretrained``.
 
     Raises:
         InputError: ``videos`` is not a folder or holds nothing to prepare; ``output`` is a file or inside
-            ``videos``. CheckpointError: no DensePose model. (A bad input video is reported, not raised.)
+            ``videos``; ``cache_latents`` without ``pretrained`` (or the reverse). CheckpointError: no DensePose
+            model, or no usable VAE in ``pretrained``. (A bad input video is reported, not raised.)
     """
     from tqdm.auto import tqdm
 
@@ -187,6 +213,17 @@ def prepare_data(
         raise InputError(f"the data folder {output} is a file; choose another -o")
     if output.resolve().is_relative_to(videos.resolve()):
         raise InputError(f"the data folder {output} is inside {videos}; choose a folder outside it")
+    if cache_latents and pretrained is None:
+        raise InputError("--cache-latents needs --pretrained TREE: the tree whose VAE encodes the frames")
+    if pretrained is not None and not cache_latents:
+        raise InputError("--pretrained is only read with --cache-latents; add --cache-latents, or leave it out")
+    if cache_latents and size % 8:
+        raise InputError(f"--cache-latents needs --size a multiple of 8 (the VAE's factor, as training), got {size}")
+    encoder = None
+    if cache_latents:
+        from .latents import LatentEncoder
+
+        encoder = LatentEncoder.load(pretrained, device=device, progress=progress)
     extractor = load_extractor(
         model, device=device, channel_order=channel_order, label_cap=size, detectron2_config=detectron2_config
     )
@@ -202,11 +239,12 @@ def prepare_data(
         crf=crf,
         person=person,
         progress=progress,
+        encoder=encoder,
     )
     for path in tqdm(inputs, desc="prepare-data", unit="input", disable=not progress):
         try:
             if path.suffix.lower() in IMAGE_SUFFIXES:
-                prepare_image(path, output, extractor, report, size=size)
+                prepare_image(path, output, extractor, report, size=size, encoder=encoder)
             else:
                 prepare_video(path, output, extractor, report, **options)
         except KeyboardInterrupt:
@@ -253,8 +291,10 @@ def prepare_video(
     crf,
     person,
     progress,
+    encoder=None,
 ) -> None:
-    """Split one video into scenes and write the scenes that are not finished yet."""
+    """Split one video into scenes and write the scenes that are not finished yet (with ``encoder``, a
+    :class:`~.latents.LatentEncoder`, with their latents; finished clips without them get them)."""
     from tqdm.auto import tqdm
 
     from ..densepose.resample import resample_indices
@@ -266,9 +306,9 @@ def prepare_video(
     for index, (start, end) in enumerate(scene_ranges(iter_frames(path), scene_threshold)):
         name = clip_name(path, index)
         count = len(resample_indices(end - start, fps_in, fps))
-        if (output / CLIPS / name / "meta.json").is_file():
-            report.finished.append(name)
-        elif count < min_frames:
+        if finish_clip(output / CLIPS / name, encoder, report):  # finished earlier (latents added if missing)
+            continue
+        if count < min_frames:
             report.left_out.append(f"{name} (only {count} frames)")
         else:
             scenes.append(Scene(name, start, end))
@@ -299,15 +339,29 @@ def prepare_video(
             smooth=smooth,
             crf=crf,
             person=person,
+            encoder=encoder,
         )
         report.written.append(scene.name)
 
 
 def write_clip(
-    scene: Scene, decoded, source: Path, output: Path, detected: float, *, size, fps_in, fps, smooth, crf, person
+    scene: Scene,
+    decoded,
+    source: Path,
+    output: Path,
+    detected: float,
+    *,
+    size,
+    fps_in,
+    fps,
+    smooth,
+    crf,
+    person,
+    encoder=None,
 ) -> None:
-    """Frame the scene's person and write its clip folder (``frames.mp4``, ``densepose.mp4``, ``meta.json``),
-    whole or not at all; ``decoded`` is the video's ``(index, frame)`` iterator, read up to the scene's end."""
+    """Frame the scene's person and write its clip folder (``frames.mp4``, ``densepose.mp4``, ``meta.json``, with
+    ``encoder`` also ``latents.safetensors`` of the written ``frames.mp4``), whole or not at all; ``decoded`` is the
+    video's ``(index, frame)`` iterator, read up to the scene's end."""
     import numpy as np
 
     from ..densepose.framing import crop_windows, frame_labels, select_persons, window_boxes
@@ -350,6 +404,9 @@ def write_clip(
             "face_area": round(float(np.mean(stats["face"])), 4),
             "hand_area": round(float(np.mean(stats["hand"])), 4),
         }
+        if encoder is not None:
+            encoder.write(temp, len(index), size, name=scene.name)
+            meta["latents"] = encoder.record()
         (temp / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
 
 
@@ -382,7 +439,7 @@ def crop_square(frame, window, size: int):
     return cv2.resize(canvas, (size, size), interpolation=interpolation) if side != size else canvas
 
 
-def prepare_image(path: Path, output: Path, extractor, report: PrepareReport, *, size: int) -> None:
+def prepare_image(path: Path, output: Path, extractor, report: PrepareReport, *, size: int, encoder=None) -> None:
     """One still image -> ``image.png`` + ``densepose.png`` framed around its largest person."""
     import numpy as np
     from PIL import Image
@@ -395,8 +452,7 @@ def prepare_image(path: Path, output: Path, extractor, report: PrepareReport, *,
     from .augment import FACE_PARTS, HAND_PARTS
 
     name = clip_name(path, 0)
-    if (output / CLIPS / name / "meta.json").is_file():
-        report.finished.append(name)
+    if finish_clip(output / CLIPS / name, encoder, report):
         return
     frame = np.asarray(load_image(path))
     persons = select_persons([next(iter(extractor.extract([frame])))], "largest")[0]
@@ -419,8 +475,41 @@ def prepare_image(path: Path, output: Path, extractor, report: PrepareReport, *,
             "face_area": round(float(np.isin(labels, FACE_PARTS).mean()), 4),
             "hand_area": round(float(np.isin(labels, HAND_PARTS).mean()), 4),
         }
+        if encoder is not None:
+            encoder.write(temp, 1, size, name=name)
+            meta["latents"] = encoder.record()
         (temp / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
     report.written.append(name)
+
+
+def finish_clip(folder: Path, encoder, report: PrepareReport) -> bool:
+    """Whether an earlier run finished the clip ``folder`` (its ``meta.json`` is written last). With ``encoder``, a
+    clip whose latents are missing or of another VAE gets them now (``latents.safetensors``, then ``meta.json``,
+    each replaced whole), its other files untouched."""
+    from ..io.output import atomic_output
+    from .latents import LATENTS_FILE, latents_info
+
+    if not (folder / "meta.json").is_file():
+        return False
+    if encoder is None:
+        report.finished.append(folder.name)
+        return True
+    meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
+    info = latents_info(folder / LATENTS_FILE)
+    if (
+        meta.get("latents", {}).get("vae_fingerprint") == encoder.fingerprint
+        and info is not None
+        and info.get("vae_fingerprint") == encoder.fingerprint
+        and info["shape"][0] == int(meta["frames"])
+    ):
+        report.finished.append(folder.name)
+        return True
+    encoder.write(folder, int(meta["frames"]), int(meta["size"]), name=folder.name)
+    meta["latents"] = encoder.record()
+    with atomic_output(folder / "meta.json") as temp:
+        temp.write_text(json.dumps(meta), encoding="utf-8")
+    report.latents_added.append(folder.name)
+    return True
 
 
 def write_split_manifest(output: Path, val_clips: int):

@@ -162,6 +162,8 @@ class Trainer:
             log.info(f"no validation clip in {config.data} (split val): validation is off")
 
         self.pipe = pipe = load_training_pipeline(config)
+        if self.data.cached:
+            check_latents_vae(self.data, pipe.vae, config.pretrained)
         dtype = weight_dtype(mixed_precision)
         for component in pipe.components.values():
             if isinstance(component, torch.nn.Module):  # torch's .to: diffusers' warns about fp32 modules: []
@@ -327,6 +329,22 @@ class Trainer:
             log.info(f"step {self.step}: validation PSNR {metrics['psnr']:.2f} dB, SSIM {metrics['ssim']:.4f}")
             accelerator.log({"val_psnr": metrics["psnr"], "val_ssim": metrics["ssim"]}, step=self.step)
         accelerator.wait_for_everyone()
+
+
+def check_latents_vae(data, vae, pretrained) -> None:
+    """Refuse cached latents that another VAE than the training tree's made (their clip named): the model would
+    learn to denoise latents its own VAE never produces."""
+    from ..settings import SettingError
+    from .latents import vae_fingerprint
+
+    own = vae_fingerprint(vae)
+    for name, fingerprint in data.vae_fingerprints.items():
+        if fingerprint != own:
+            raise SettingError(
+                "cached_latents",
+                f"the cached latents of clip {name} come from another VAE than {pretrained}'s; rerun prepare-data "
+                f"with --cache-latents --pretrained {pretrained} (it re-encodes them), or use --no-cached-latents",
+            )
 
 
 def load_trained(params: dict, weights: dict, source) -> None:
