@@ -293,15 +293,22 @@ def _names(keys, limit=6):
     return f"{shown} (+{len(keys) - limit} more)" if len(keys) > limit else shown
 
 
-def load_appearance_encoder(folder: str | Path) -> UNet2DConditionModel:
-    """The released appearance encoder (or any full SD 1.5 UNet folder) as a ``UNet2DConditionModel``."""
+def load_unet2d(folder: str | Path, what: str = "SD 1.5 UNet", allowed_missing=frozenset()) -> UNet2DConditionModel:
+    """A ``UNet2DConditionModel`` from a diffusers UNet folder, read the way the release tree's other pickles are
+    (weights only, memory-mapped, every key checked: one :class:`CheckpointError` line for a missing, damaged or
+    unfitting file); ``allowed_missing`` keys are zero-filled."""
     folder = Path(folder)
-    with _loading("appearance encoder config", folder):
+    with _loading(f"{what} config", folder):
         config = UNet2DConditionModel.load_config(check_checkpoint_file(folder / "config.json").parent)
         with init_empty_weights():
             model = UNet2DConditionModel.from_config(config)
     weights = find_weights(folder)
-    return _load_into_skeleton(model, read_state_dict(weights), str(weights), APPEARANCE_ENCODER_DEAD_TAIL).eval()
+    return _load_into_skeleton(model, read_state_dict(weights), str(weights), allowed_missing).eval()
+
+
+def load_appearance_encoder(folder: str | Path) -> UNet2DConditionModel:
+    """The released appearance encoder (or any full SD 1.5 UNet folder) as a ``UNet2DConditionModel``."""
+    return load_unet2d(folder, "appearance encoder", APPEARANCE_ENCODER_DEAD_TAIL)
 
 
 def split_temporal_checkpoint(state: dict[str, torch.Tensor]) -> tuple[dict, dict]:

@@ -22,21 +22,16 @@ from pathlib import Path
 import numpy as np
 import PIL.Image
 import torch
-from accelerate import init_empty_weights
-from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, DPMSolverMultistepScheduler
 from transformers.utils import logging as transformers_logging
 
 from ..errors import CheckpointError
-from ..io.files import check_checkpoint_file
 from ..models.original_checkpoints import (
-    _load_into_skeleton,
-    _loading,
-    find_weights,
     load_diffusers_model,
     load_text_encoder,
     load_tokenizer,
+    load_unet2d,
     materialize_weights,
-    read_state_dict,
 )
 
 # Importing the pipeline imports transformers' image processors, which note (on every import, without torchvision)
@@ -69,19 +64,6 @@ def sd15_scheduler(folder: Path | None = None) -> DPMSolverMultistepScheduler:
         config = DPMSolverMultistepScheduler.load_config(folder / "scheduler")
         return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++", solver_order=2)
     return DPMSolverMultistepScheduler(**SD15_SCHEDULER, algorithm_type="dpmsolver++", solver_order=2)
-
-
-def load_unet2d(folder: str | Path, what: str = "SD 1.5 UNet") -> UNet2DConditionModel:
-    """A ``UNet2DConditionModel`` from a diffusers UNet folder, read the way the release tree's other pickles are
-    (weights only, memory-mapped, every key checked: one :class:`CheckpointError` line for a missing, damaged or
-    unfitting file)."""
-    folder = Path(folder)
-    with _loading(f"{what} config", folder):
-        config = UNet2DConditionModel.load_config(check_checkpoint_file(folder / "config.json").parent)
-        with init_empty_weights():
-            model = UNet2DConditionModel.from_config(config)
-    weights = find_weights(folder)
-    return _load_into_skeleton(model, read_state_dict(weights), str(weights)).eval()
 
 
 def check_fine_tune(folder: str | Path) -> Path:
