@@ -158,9 +158,7 @@ def animate(
     if align_to_reference and driving is None:
         raise InputError("align_to_reference works on a driving video (a video of a person), not on DensePose motion")
     keyframes = read_keyframes(references, reference_end)
-    # Keyframe photos count as the reference photo; the first one is the photo for align_to_reference and the grid.
-    check_reference_source(reference if reference is not None or not keyframes else keyframes, config,
-                           align_to_reference)  # fmt: skip
+    check_reference_source(reference, config, align_to_reference, keyframes)
     interpolator = None
     if config.frame_stride > 1:  # found (or refused) before anything is read or loaded
         from .interpolation import load_interpolator
@@ -329,18 +327,23 @@ def keyframe_pairs(keyframes, num_frames: int, kept: dict[int, int] | None) -> l
     return pairs
 
 
-def check_reference_source(reference, config, align_to_reference: bool = False) -> None:
-    """Exactly one of a reference photo and the ``prompt`` setting (a non-empty text), or :class:`InputError`."""
+def check_reference_source(reference, config, align_to_reference: bool = False, keyframes=()) -> None:
+    """Exactly one of a reference photo and the ``prompt`` setting (a non-empty text), or :class:`InputError`. With
+    ``keyframes`` (``references`` / ``reference_end``) the first photo may also come from them alone; the photo for
+    ``align_to_reference`` is then the first keyframe's."""
     from .settings import SettingError
 
     if config.prompt is not None and not config.prompt.strip():
         raise SettingError("prompt", "setting prompt must describe the person to generate, got an empty text")
-    if (reference is None) == (config.prompt is None):
+    if reference is not None and config.prompt is not None:
+        raise InputError("give exactly one of reference (a photo of the person) and prompt (a description to "
+                         "generate the photo from), not both")  # fmt: skip
+    if reference is None and config.prompt is None and not keyframes:
         raise InputError(
             "give exactly one of reference (a photo of the person) and prompt (a description to generate the photo "
             "from)"
         )
-    if align_to_reference and reference is None:
+    if align_to_reference and reference is None and not (keyframes and config.prompt is None):
         raise InputError(
             "align_to_reference fits the motion to the person in a reference photo; with a prompt the photo is "
             "generated to fit the motion instead: leave align_to_reference out"

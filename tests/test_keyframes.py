@@ -274,3 +274,20 @@ def test_keyframes_with_the_refine_pass(tiny_pipe, files):
     plain = animate(files / "start.png", files / "motion.mp4", **common).frames
     ended = animate(files / "start.png", files / "motion.mp4", reference_end=files / "end.png", **common).frames
     assert ended.shape == plain.shape == (12, 96, 96, 3) and not np.array_equal(ended, plain)
+
+
+def test_a_prompt_photo_starts_the_keyframes(tiny_pipe, tiny_tree, files):
+    """The photo a prompt makes is the keyframe at frame 0; with keyframes alone no reference is needed; a photo
+    and a prompt together stay refused."""
+    from magicanimate import animate
+
+    common = dict(pipeline=tiny_pipe, pretrained=str(tiny_tree), steps=1, size=TINY_SIZE, context_frames=12,
+                  prompt_steps=1)  # fmt: skip
+    video = animate(None, files / "motion.mp4", prompt="a dancer", reference_end=files / "end.png", **common)
+    assert video.reference is not None and video.frames.shape == (12, TINY_SIZE, TINY_SIZE, 3)
+    alone = animate(None, files / "motion.mp4", references=[(0, files / "start.png"), (11, files / "end.png")],
+                    **common)  # fmt: skip
+    assert alone.reference is None and alone.frames.shape == video.frames.shape
+    with pytest.raises(InputError, match="not both"):
+        animate(files / "start.png", files / "motion.mp4", prompt="a dancer", reference_end=files / "end.png",
+                **common)  # fmt: skip
