@@ -106,8 +106,8 @@ def psnr(pred, gt, reduction: str = "mean"):
 def mean_psnr(values) -> float:
     """The PSNR (peak 1) of the mean of the squared errors behind per-frame PSNRs: ``inf`` only when every frame is
     identical. (The mean of per-frame PSNRs, DisCo's average, is infinite as soon as one frame is.)"""
-    values = np.asarray(values, dtype=np.float64)
-    return float(-10 * np.log10(np.mean(10 ** (-values / 10))))
+    mse = float(np.mean(10 ** (-np.asarray(values, dtype=np.float64) / 10)))
+    return math.inf if mse == 0 else -10 * math.log10(mse)
 
 
 def ssim(pred, gt, reduction: str = "mean"):
