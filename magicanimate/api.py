@@ -208,6 +208,10 @@ def animate(
             f"frame_stride {config.frame_stride}: {len(keep)} of the {len(motion_frames)} frames are animated, the "
             f"others interpolated ({interpolator_name(interpolator)})"
         )
+    # Keyframes as frames of the animated clip (every motion frame, or those that frame_stride keeps), checked
+    # before any model loads.
+    kept = {frame: k for k, frame in enumerate(keep)} if interpolator is not None else None
+    keyframe_arguments = {"keyframes": keyframe_pairs(keyframes, len(motion_frames), kept)} if keyframes else {}
     height, width = frame_size(*frames.shape[1:3], config.size)
     if pipeline is None:
         from .loading import locate_weights
@@ -250,10 +254,7 @@ def animate(
             on_step=tell,
         )
         reference, done[0] = generated, config.prompt_steps
-    arguments = call_arguments(config, pipe)
-    if keyframes:  # frame indices of the animated frames (every one, or those that frame_stride keeps)
-        kept = {frame: k for k, frame in enumerate(keep)} if interpolator is not None else None
-        arguments["keyframes"] = keyframe_pairs(keyframes, len(motion_frames), kept)
+    arguments = {**call_arguments(config, pipe), **keyframe_arguments}
     # The scheduler setting holds for this call only: batch jobs and the demo share one pipeline.
     with scheduler_for_call(pipe, config.scheduler):
         result = pipe(
@@ -373,9 +374,9 @@ def step_work(config, keyframes: int = 0) -> float:
     steps = config.steps
     work = 0.0
     for i in range(steps):
-        guided = config.guidance_start <= i / steps < config.guidance_end and config.guidance_scale > 1
-        cost = 1.0 if guided or config.guidance_scale <= 1 else UNGUIDED_STEP_WORK
-        work += cost * (CACHED_STEP_WORK if config.cache_interval > 1 and i % config.cache_interval else 1.0)
+        unguided = config.guidance_scale > 1 and not config.guidance_start <= i / steps < config.guidance_end
+        cost = UNGUIDED_STEP_WORK if unguided else 1.0
+        work += cost * (CACHED_STEP_WORK if i % config.cache_interval else 1.0)
     return work / steps * (2.0 if keyframes > 1 else 1.0)
 
 

@@ -689,10 +689,10 @@ class MagicAnimatePipeline(DiffusionPipeline):
             cfg_parallel,
         )
         check_guidance_interval(guidance_start, guidance_end)
-        check_start(noise_prior, init_video, strength, len(frames), self.output_size(frames, height, width))
+        height, width = self.output_size(frames, height, width)
+        check_start(noise_prior, init_video, strength, len(frames), (height, width))
         if not _is_int(cache_interval) or cache_interval < 1:
             raise InputError(f"cache_interval must be a positive integer (1: off), got {cache_interval!r}")
-        height, width = self.output_size(frames, height, width)
         num_frames = len(frames)
         padded_frames = -(-num_frames // context_frames) * context_frames
         windows = context_windows(padded_frames, context_frames, context_overlap, context_schedule)
